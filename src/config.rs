@@ -1,0 +1,228 @@
+//! The command line and its `DROVER_<NAME>` environment twins, exactly as
+//! `DESIGN.md` names them. Parsing only: nothing here binds, reads files or
+//! starts anything.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// drover: container entrypoint and pre-fork supervisor.
+#[derive(Debug, Parser)]
+#[command(
+    name = "drover",
+    version,
+    about = "Container entrypoint and pre-fork supervisor: one shared socket, N workers, one stop flag",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    /// `stop` or `check`; without one, drover runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options for a run.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask a running drover to stop (for preStop hooks in images without curl).
+    Stop(StopArgs),
+    /// Load the configuration and worker contexts, print the plan, exit 0 or 78.
+    Check(RunArgs),
+}
+
+/// `drover stop` options.
+#[derive(Debug, Clone, Args)]
+pub struct StopArgs {
+    /// Admin server base URL [default: http://127.0.0.1:$DROVER_ADMIN_PORT or :8001].
+    #[arg(long, env = "DROVER_ADMIN_URL")]
+    pub admin_url: Option<String>,
+    /// File holding the bearer token [default: $DROVER_ADMIN_TOKEN_FILE].
+    #[arg(long, env = "DROVER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, env = "DROVER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Options of a run (and of `drover check`).
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Listen address; `::` is dual-stack.
+    #[arg(long, env = "DROVER_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Listen port; 0 picks a free port and logs it.
+    #[arg(long, env = "DROVER_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// listen(2) backlog (the kernel caps it at net.core.somaxconn).
+    #[arg(long, env = "DROVER_BACKLOG", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub backlog: u32,
+    /// Listen on this Unix socket instead of TCP; the file is removed on exit.
+    #[arg(long, env = "DROVER_UDS")]
+    pub uds: Option<PathBuf>,
+    /// Number of workers, or `auto` (CPUs allowed by the cgroup quota).
+    /// Default: the length of a contexts sequence, else 1.
+    #[arg(long, env = "DROVER_WORKERS", value_parser = parse_workers)]
+    pub workers: Option<Workers>,
+    /// YAML worker contexts from a file (e.g. a mounted ConfigMap).
+    #[arg(long, env = "DROVER_WORKER_CONTEXTS_FILE",
+          conflicts_with = "worker_contexts_configmap")]
+    pub worker_contexts_file: Option<PathBuf>,
+    /// YAML worker contexts from a ConfigMap through the Kubernetes API: [NS/]NAME.
+    #[arg(long, env = "DROVER_WORKER_CONTEXTS_CONFIGMAP")]
+    pub worker_contexts_configmap: Option<String>,
+    /// Key inside the ConfigMap.
+    #[arg(long, env = "DROVER_WORKER_CONTEXTS_KEY", default_value = "worker-contexts.yaml")]
+    pub worker_contexts_key: String,
+    /// What to do when the watched contexts change.
+    #[arg(long, env = "DROVER_ON_CONTEXTS_CHANGE", value_enum, default_value_t = OnContextsChange::Restart)]
+    pub on_contexts_change: OnContextsChange,
+    /// Admin server address.
+    #[arg(long, env = "DROVER_ADMIN_HOST", default_value = "0.0.0.0")]
+    pub admin_host: String,
+    /// Admin server port (0 picks a free one).
+    #[arg(long, env = "DROVER_ADMIN_PORT", default_value_t = 8001)]
+    pub admin_port: u16,
+    /// Bearer token file for /admin/stop; without it only loopback callers may stop.
+    #[arg(long, env = "DROVER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// After a stop, keep accepting this long while /readyz is 503.
+    #[arg(long, env = "DROVER_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+    /// Then stop accepting; in-flight work gets this long before workers are killed.
+    #[arg(long, env = "DROVER_GRACEFUL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub graceful_timeout: Duration,
+    /// Signal external workers get when accepting stops (TERM, QUIT, INT, HUP).
+    #[arg(long, env = "DROVER_STOP_SIGNAL", default_value = "TERM", value_parser = parse_stop_signal)]
+    pub stop_signal: StopSignal,
+    /// Restart policy for workers that exit on their own.
+    #[arg(long, env = "DROVER_RESTART", value_enum, default_value_t = Restart::Always)]
+    pub restart: Restart,
+    /// Log format.
+    #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or tracing filter (e.g. `info`, `drover=debug`).
+    #[arg(long, env = "DROVER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// External command to run as each worker (after `--`).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `--workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// A fixed count, at least 1.
+    Count(usize),
+    /// CPUs allowed by the cgroup quota.
+    Auto,
+}
+
+/// `--on-contexts-change`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnContextsChange {
+    /// Rolling restart, one worker at a time.
+    Restart,
+    /// Log only.
+    Ignore,
+}
+
+/// `--restart`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Restart {
+    /// Restart every worker that exits.
+    Always,
+    /// Restart only workers that exit non-zero or by a signal.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--stop-signal`: a signal number together with its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSignal {
+    /// The signal number.
+    pub signo: i32,
+    /// Its short name, e.g. `TERM`.
+    pub name: &'static str,
+}
+
+fn parse_workers(s: &str) -> Result<Workers, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(Workers::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (or `auto`)".into()),
+        Ok(n) if n > 1024 => Err("at most 1024 workers".into()),
+        Ok(n) => Ok(Workers::Count(n)),
+        Err(_) => Err(format!("`{s}` is not a number or `auto`")),
+    }
+}
+
+/// Parses durations such as `0s`, `500ms`, `30s`, `1m`; a bare number means seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("`{s}` is not a non-negative duration"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 500ms, 30s or 1m: {e}"))
+}
+
+fn parse_stop_signal(s: &str) -> Result<StopSignal, String> {
+    let name = s.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let (signo, name) = match name {
+        "TERM" => (libc::SIGTERM, "TERM"),
+        "QUIT" => (libc::SIGQUIT, "QUIT"),
+        "INT" => (libc::SIGINT, "INT"),
+        "HUP" => (libc::SIGHUP, "HUP"),
+        _ => return Err(format!("`{s}` is not one of TERM, QUIT, INT, HUP")),
+    };
+    Ok(StopSignal { signo, name })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn workers_and_signals() {
+        assert_eq!(parse_workers("auto").unwrap(), Workers::Auto);
+        assert_eq!(parse_workers("4").unwrap(), Workers::Count(4));
+        assert!(parse_workers("0").is_err());
+        assert!(parse_workers("-2").is_err());
+        assert_eq!(parse_stop_signal("sigquit").unwrap().signo, libc::SIGQUIT);
+        assert!(parse_stop_signal("KILL").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,135 @@
+//! drover: a container entrypoint and pre-fork supervisor for Kubernetes.
+//!
+//! It binds **one** listening socket before any worker exists, runs the app
+//! in-process or as N worker processes that all accept on that socket, serves
+//! an admin port (`POST /admin/stop`, `/metrics`, `/healthz`, `/readyz`), and
+//! stops through **one** flag, whoever asks: readiness drops, in-flight work
+//! finishes, the pod exits. `DESIGN.md` is the contract.
+//!
+//! # Using it as a library
+//! ```no_run
+//! use drover::{full, Worker};
+//! use hyper::{Request, Response};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Ctx { greeting: String }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     drover::run(|w: Worker<Ctx>| {
+//!         let hello = format!("{} from worker {}\n", w.context.greeting, w.id);
+//!         hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+//!             let body = full(hello.clone());
+//!             async move { Ok::<_, std::convert::Infallible>(Response::new(body)) }
+//!         })
+//!     })
+//! }
+//! ```
+//!
+//! # Layout
+//! - [`config`]: the command line and its `DROVER_*` environment twins.
+//! - [`contexts`]: worker contexts, the YAML rules and the worker count.
+//! - `plan`: a checked configuration, before anything starts (`drover check`).
+//! - `listener`: the one shared socket, its backlog and the end of accepting.
+//! - `supervisor`: starting, reaping and restarting workers; the drain.
+//! - `worker`: a worker process of the built-in or a library app.
+//! - `serve`: serving HTTP on the listener and finishing in-flight work.
+//! - [`stop`]: the one stop flag and the library's [`stop()`].
+//! - `admin`: the admin endpoints.
+//! - `metrics`: the Prometheus metrics.
+//! - [`app`]: the library API ([`Worker`], [`run`]).
+//! - [`builtin`]: the built-in app, written on that API.
+//! - `client`: `drover stop`.
+//! - [`cgroup`]: `--workers auto`.
+//! - [`error`]: errors and the one mapping to exit codes.
+//! - `sys`: the only `unsafe` code (fork, exec, dup2, prctl).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod admin;
+pub mod app;
+pub mod builtin;
+pub mod cgroup;
+mod client;
+pub mod config;
+pub mod contexts;
+pub mod error;
+mod listener;
+mod logging;
+mod metrics;
+mod plan;
+mod serve;
+pub mod stop;
+mod supervisor;
+mod sys;
+mod worker;
+
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::Parser;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+pub use app::{full, Body, BoxError, Worker};
+pub use error::{exit, Error, Result};
+pub use stop::{is_draining, stop};
+
+/// Runs drover with `factory` as the app: parses the command line, then
+/// supervises (or, in a worker process, serves). The factory is called once
+/// per worker process with that worker's typed context. Returns the exit code
+/// `main` should return.
+pub fn run<C, F, S, B>(factory: F) -> ExitCode
+where
+    C: serde::de::DeserializeOwned,
+    F: Fn(Worker<C>) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let erased = app::erase(&factory);
+    let validate = |id: usize, raw: &serde_json::Value| app::typed_context::<C>(id, raw).map(|_: C| ());
+
+    if worker::is_worker() {
+        let format = match std::env::var("DROVER_LOG_FORMAT").as_deref() {
+            Ok("json") => config::LogFormat::Json,
+            _ => config::LogFormat::Text,
+        };
+        logging::init(format, &std::env::var("DROVER_LOG_LEVEL").unwrap_or_else(|_| "info".into()));
+        return worker::main(&erased);
+    }
+
+    let cli = match config::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    let result = match cli.command {
+        Some(config::Command::Stop(args)) => client::stop(args).map(|()| {
+            println!("stop accepted: drover is draining");
+            exit::OK
+        }),
+        Some(config::Command::Check(args)) => {
+            logging::init(args.log_format, &args.log_level);
+            plan::load(args, &validate).map(|p| {
+                print!("{}", plan::describe(&p));
+                exit::OK
+            })
+        }
+        None => {
+            logging::init(cli.run.log_format, &cli.run.log_level);
+            plan::load(cli.run, &validate).and_then(|p| supervisor::run(p, &erased))
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // Errors are user-facing: one line naming what was wrong.
+            eprintln!("drover: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

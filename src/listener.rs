@@ -1,0 +1,318 @@
+//! The one listening socket: bound once, before any worker exists, and shared
+//! by every worker process (as fd 3). This module owns binding, the backlog
+//! and its kernel cap, and the end of accepting; it never serves a request.
+//!
+//! # Ending accept without resetting queued connections
+//! Closing a listening socket resets every connection still waiting in its
+//! accept queue, and the queue lives as long as any process holds the socket.
+//! So the drain calls `listen(fd, 0)` again first ([`Listener::stop_new`]):
+//! new handshakes are no longer completed (the client's SYN is dropped and
+//! retried, so it sees a refusal only once the socket is closed), while every
+//! connection already queued stays and is accepted and served by the workers,
+//! which accept until `EAGAIN` before closing their copy.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::{Error, Result};
+
+/// Where the listener is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address (the real port when 0 was asked for).
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The bound, listening socket, owned by the supervisor.
+#[derive(Debug)]
+pub struct Listener {
+    socket: Socket,
+    /// Its address.
+    pub addr: ListenAddr,
+    /// The backlog in force: the one asked for, capped by `net.core.somaxconn`.
+    pub effective_backlog: u32,
+    /// Removes the Unix socket file when the supervisor is done with it.
+    _uds: Option<UdsFile>,
+}
+
+/// Reads `net.core.somaxconn` of this network namespace.
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl Listener {
+    /// Binds TCP `host:port` with `backlog`.
+    pub fn bind_tcp(host: &str, port: u16, backlog: u32) -> Result<Listener> {
+        let shown = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = (bare, port)
+            .to_socket_addrs()
+            .map_err(|e| Error::Listen {
+                addr: shown.clone(),
+                reason: format!("`{host}` is not an address or a resolvable host name ({e})"),
+            })?
+            .next()
+            .ok_or_else(|| Error::Listen {
+                addr: shown.clone(),
+                reason: format!("`{host}` resolves to no address"),
+            })?;
+        let fail = |e: io::Error| Error::Listen {
+            addr: addr.to_string(),
+            reason: match e.kind() {
+                io::ErrorKind::AddrInUse => "address already in use (another process listens on it)".into(),
+                io::ErrorKind::PermissionDenied => {
+                    "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".into()
+                }
+                io::ErrorKind::AddrNotAvailable => "no local interface has this address".into(),
+                _ => e.to_string(),
+            },
+        };
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+        socket.set_reuse_address(true).map_err(fail)?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            // `::` serves IPv4 too, whatever net.ipv6.bindv6only says.
+            socket.set_only_v6(false).map_err(fail)?;
+        }
+        socket.bind(&addr.into()).map_err(fail)?;
+        let (socket, effective) = listen(socket, backlog).map_err(fail)?;
+        let local = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(addr);
+        Ok(Listener {
+            socket,
+            addr: ListenAddr::Tcp(local),
+            effective_backlog: effective,
+            _uds: None,
+        })
+    }
+
+    /// Binds a Unix socket at `path`. A stale socket file (nobody listening)
+    /// is replaced; a live one, or any other file, is an error.
+    pub fn bind_unix(path: &Path, backlog: u32) -> Result<Listener> {
+        let fail = |reason: String| Error::Listen {
+            addr: format!("unix:{}", path.display()),
+            reason,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(fail("a file that is not a socket exists there".into()));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(fail("address already in use (another process listens on it)".into()));
+            }
+            std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+        }
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(|e| fail(e.to_string()))?;
+        let addr = SockAddr::unix(path).map_err(|e| fail(e.to_string()))?;
+        socket.bind(&addr).map_err(|e| fail(e.to_string()))?;
+        // From here on the file is ours: remove it on every exit path.
+        let guard = UdsFile(path.to_path_buf());
+        let (socket, effective) = listen(socket, backlog).map_err(|e| fail(e.to_string()))?;
+        Ok(Listener {
+            socket,
+            addr: ListenAddr::Unix(path.to_path_buf()),
+            effective_backlog: effective,
+            _uds: Some(guard),
+        })
+    }
+
+    /// Stops new connections from completing, keeping the queued ones
+    /// (see the module doc). Affects every process holding the socket.
+    pub fn stop_new(&self) -> io::Result<()> {
+        self.socket.listen(0)
+    }
+
+    /// The descriptor, for handing to workers.
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Turns the supervisor's copy into a serving listener (in-process mode).
+    pub fn into_serving(self) -> io::Result<(ServeListener, Option<UdsFile>)> {
+        let Listener { socket, _uds, .. } = self;
+        Ok((ServeListener::from_fd(socket.into())?, _uds))
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+fn listen(socket: Socket, backlog: u32) -> io::Result<(Socket, u32)> {
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    let cap = somaxconn().unwrap_or(u32::MAX);
+    let effective = backlog.min(cap);
+    if effective < backlog {
+        tracing::warn!(
+            backlog,
+            somaxconn = cap,
+            "the kernel caps the listen backlog at net.core.somaxconn={cap}; raise it (pod securityContext.sysctls) to get {backlog}"
+        );
+    }
+    let fd = crate::sys::high_fd(OwnedFd::from(socket))?;
+    Ok((Socket::from(fd), effective))
+}
+
+/// Removes a Unix socket file when dropped.
+#[derive(Debug)]
+pub struct UdsFile(PathBuf);
+
+impl Drop for UdsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A listener being served by a tokio runtime (in a worker, or in-process).
+#[derive(Debug)]
+pub enum ServeListener {
+    /// TCP.
+    Tcp(tokio::net::TcpListener),
+    /// Unix.
+    Unix(tokio::net::UnixListener),
+}
+
+impl ServeListener {
+    /// Wraps an inherited or owned listening descriptor. Sets O_NONBLOCK, which
+    /// lives on the shared open file description: only drover's own workers,
+    /// all of which want it, ever share a socket made non-blocking.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<ServeListener> {
+        let socket = Socket::from(fd);
+        socket.set_nonblocking(true)?;
+        let is_unix = socket.local_addr()?.is_unix();
+        Ok(if is_unix {
+            let std: std::os::unix::net::UnixListener = OwnedFd::from(socket).into();
+            ServeListener::Unix(tokio::net::UnixListener::from_std(std)?)
+        } else {
+            let std: std::net::TcpListener = OwnedFd::from(socket).into();
+            ServeListener::Tcp(tokio::net::TcpListener::from_std(std)?)
+        })
+    }
+
+    /// Stops new connections from completing (see the module doc).
+    pub fn stop_new(&self) {
+        let r = match self {
+            ServeListener::Tcp(l) => socket2::SockRef::from(l).listen(0),
+            ServeListener::Unix(l) => socket2::SockRef::from(l).listen(0),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "listen(0) on the shared socket failed");
+        }
+    }
+
+    /// Accepts one connection.
+    pub async fn accept(&self) -> io::Result<Stream> {
+        match self {
+            ServeListener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            ServeListener::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),
+        }
+    }
+
+    /// Accepts, without waiting, every connection the kernel has queued, then
+    /// closes this process's copy of the socket.
+    pub fn drain_queue(self) -> Vec<Stream> {
+        let mut out = Vec::new();
+        match self {
+            ServeListener::Tcp(l) => {
+                if let Ok(l) = l.into_std() {
+                    while let Ok((s, _)) = l.accept() {
+                        let _ = s.set_nodelay(true);
+                        if let Some(s) = s.set_nonblocking(true).ok().and_then(|_| tokio::net::TcpStream::from_std(s).ok()) {
+                            out.push(Stream::Tcp(s));
+                        }
+                    }
+                }
+            }
+            ServeListener::Unix(l) => {
+                if let Ok(l) = l.into_std() {
+                    while let Ok((s, _)) = l.accept() {
+                        if let Some(s) = s.set_nonblocking(true).ok().and_then(|_| tokio::net::UnixStream::from_std(s).ok()) {
+                            out.push(Stream::Unix(s));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// An accepted connection.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(tokio::net::TcpStream),
+    /// Unix.
+    Unix(tokio::net::UnixStream),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Tcp($s) => { let $s = Pin::new($s); $e }
+            Stream::Unix($s) => { let $s = Pin::new($s); $e }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}

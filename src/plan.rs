@@ -1,0 +1,213 @@
+//! Turning the command line into a plan: contexts loaded and matched to the
+//! worker count, the external command resolved, the token read. Everything
+//! that can be wrong with the configuration is found here, before anything is
+//! bound or started, so a bad pod fails with exit 78 and nothing half-started.
+//! `drover check` prints exactly this plan.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::config::{RunArgs, Workers};
+use crate::contexts;
+use crate::error::{Error, Result};
+
+/// What each worker runs.
+#[derive(Debug, Clone)]
+pub enum AppKind {
+    /// The built-in or library app (drover's own binary in worker mode).
+    Builtin,
+    /// An external program, resolved to a path.
+    Command {
+        /// The resolved executable.
+        program: PathBuf,
+        /// argv, argv\[0\] included, as given.
+        argv: Vec<OsString>,
+    },
+}
+
+/// A checked configuration, ready to bind and start.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The options.
+    pub args: RunArgs,
+    /// One context per worker; its length is the worker count.
+    pub contexts: Vec<Value>,
+    /// Where the contexts came from, for logs.
+    pub contexts_origin: String,
+    /// What each worker runs.
+    pub app: AppKind,
+    /// The admin bearer token.
+    pub token: Option<Vec<u8>>,
+}
+
+impl Plan {
+    /// The number of workers.
+    pub fn workers(&self) -> usize {
+        self.contexts.len()
+    }
+
+    /// Whether the app runs inside the supervisor process (no child).
+    pub fn in_process(&self) -> bool {
+        matches!(self.app, AppKind::Builtin) && self.workers() == 1
+    }
+}
+
+/// Loads and checks everything; `validate` checks a context against the
+/// library app's context type (built-in and library apps only).
+pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String>) -> Result<Plan> {
+    let (loaded, origin) = match (&args.worker_contexts_file, &args.worker_contexts_configmap) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+                what: "worker contexts file",
+                path: path.clone(),
+                source,
+            })?;
+            let origin = path.display().to_string();
+            (contexts::parse(&text, &origin)?, origin)
+        }
+        (None, Some(cm)) => {
+            return Err(Error::Config(format!(
+                "--worker-contexts-configmap {cm}: reading contexts through the Kubernetes API is not built yet; mount the ConfigMap and use --worker-contexts-file"
+            )))
+        }
+        (None, None) => (contexts::Contexts::default(), "defaults".to_string()),
+    };
+    let contexts = contexts::assign(&loaded, args.workers, crate::cgroup::allowed_cpus, &origin)?;
+    if args.workers == Some(Workers::Auto) {
+        tracing::info!(workers = contexts.len(), "--workers auto: CPUs allowed by the cgroup quota");
+    }
+
+    let app = match args.command.split_first() {
+        None => AppKind::Builtin,
+        Some((program, _)) => AppKind::Command {
+            program: resolve_command(program)?,
+            argv: args.command.iter().map(OsString::from).collect(),
+        },
+    };
+    if matches!(app, AppKind::Builtin) {
+        for (i, c) in contexts.iter().enumerate() {
+            validate(i, c).map_err(|e| Error::Contexts(format!("{origin}: {e}")))?;
+        }
+    }
+
+    let token = match &args.admin_token_file {
+        None => None,
+        Some(path) => {
+            let raw = std::fs::read(path).map_err(|source| Error::ReadFile {
+                what: "admin token file",
+                path: path.clone(),
+                source,
+            })?;
+            let token = raw.trim_ascii().to_vec();
+            if token.is_empty() {
+                return Err(Error::Config(format!(
+                    "admin token file {} is empty",
+                    path.display()
+                )));
+            }
+            Some(token)
+        }
+    };
+    if let Some(uds) = &args.uds {
+        if uds.as_os_str().is_empty() {
+            return Err(Error::Config("--uds needs a path".into()));
+        }
+    }
+    Ok(Plan {
+        args,
+        contexts,
+        contexts_origin: origin,
+        app,
+        token,
+    })
+}
+
+/// Finds `program` the way a shell would, so that "not found" and "not
+/// executable" are configuration errors at start, not a crash loop.
+pub fn resolve_command(program: &str) -> Result<PathBuf> {
+    let fail = |reason: String| Error::Command {
+        program: program.to_string(),
+        reason,
+    };
+    if program.is_empty() {
+        return Err(fail("the command is empty".into()));
+    }
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return check_executable(&p).map(|_| p).map_err(fail);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut denied = None;
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if candidate.exists() {
+            match check_executable(&candidate) {
+                Ok(()) => return Ok(candidate),
+                Err(e) => denied = Some(e),
+            }
+        }
+    }
+    Err(fail(denied.unwrap_or_else(|| {
+        format!(
+            "not found in PATH={} (a shell would exit 127)",
+            path.to_string_lossy()
+        )
+    })))
+}
+
+fn check_executable(p: &Path) -> std::result::Result<(), String> {
+    let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{} does not exist (a shell would exit 127)", p.display()),
+        _ => format!("{}: {e} (a shell would exit 126)", p.display()),
+    })?;
+    if meta.is_dir() {
+        return Err(format!("{} is a directory (a shell would exit 126)", p.display()));
+    }
+    nix::unistd::access(p, nix::unistd::AccessFlags::X_OK)
+        .map_err(|_| format!("{} is not executable (a shell would exit 126)", p.display()))
+}
+
+/// The plan as `drover check` prints it.
+pub fn describe(plan: &Plan) -> String {
+    use std::fmt::Write;
+    let a = &plan.args;
+    let mut s = String::new();
+    let listener = match &a.uds {
+        Some(p) => format!("unix:{}", p.display()),
+        None if a.host.contains(':') => format!("[{}]:{}", a.host, a.port),
+        None => format!("{}:{}", a.host, a.port),
+    };
+    let cap = crate::listener::somaxconn();
+    let _ = writeln!(s, "listener: {listener}");
+    match cap {
+        Some(c) if c < a.backlog => {
+            let _ = writeln!(s, "backlog: {} (capped to {c} by net.core.somaxconn)", a.backlog);
+        }
+        _ => {
+            let _ = writeln!(s, "backlog: {}", a.backlog);
+        }
+    }
+    let mode = match &plan.app {
+        AppKind::Builtin if plan.in_process() => "built-in app, in-process".to_string(),
+        AppKind::Builtin => "built-in app, worker processes".to_string(),
+        AppKind::Command { program, argv } => format!(
+            "command {} (argv: {})",
+            program.display(),
+            argv.iter().map(|x| x.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    let _ = writeln!(s, "workers: {} ({mode})", plan.workers());
+    let _ = writeln!(s, "contexts from: {}", plan.contexts_origin);
+    for (i, c) in plan.contexts.iter().enumerate() {
+        let _ = writeln!(s, "  worker {i}: {c}");
+    }
+    let _ = writeln!(s, "admin: {}:{}{}", a.admin_host, a.admin_port, if plan.token.is_some() { " (bearer token required for /admin/stop)" } else { " (stop from loopback only)" });
+    let _ = writeln!(
+        s,
+        "drain: delay {:?}, graceful timeout {:?}, stop signal {}, restart {:?}",
+        a.drain_delay, a.graceful_timeout, a.stop_signal.name, a.restart
+    );
+    s
+}

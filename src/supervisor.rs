@@ -1,0 +1,554 @@
+//! The supervisor: binds, starts the workers, serves the admin port, reaps
+//! every child, restarts workers that die, and runs the drain when the stop
+//! flag is set. It is the only module that decides *when* things happen; the
+//! *how* of each step lives in `listener`, `sys`, `serve` and `admin`.
+//!
+//! # The drain (DESIGN.md "The stop, step by step")
+//! 1. The flag is set: `/readyz` answers 503 at once; drover's own workers
+//!    are told (`D`) in the same turn of the event loop.
+//! 2. Everything keeps serving for `--drain-delay`. Nothing is restarted any
+//!    more.
+//! 3. `listen(fd, 0)` on the shared socket, the supervisor closes its copy,
+//!    drover's workers get `A` (accept what is queued, close, finish), external
+//!    workers get `--stop-signal`.
+//! 4. After `--graceful-timeout`, SIGKILL to each remaining worker's process
+//!    group.
+//! 5. Exit 0, or 1 if anything was killed.
+//!
+//! # Threads
+//! The supervisor runs a current-thread tokio runtime on the main thread and
+//! forks only from that thread (the `block_on` future, never a spawned task),
+//! because a worker's parent-death signal is tied to the thread that forked
+//! it.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::admin::{self, AdminState};
+use crate::app::Factory;
+use crate::config::Restart;
+use crate::error::{exit, Error, Result};
+use crate::listener::Listener;
+use crate::metrics::Metrics;
+use crate::plan::{AppKind, Plan};
+use crate::stop::{self, StopFlag, StopSource, Stopper};
+use crate::worker;
+
+/// Shortest and longest wait before restarting a worker that keeps dying.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A worker that ran this long is healthy: its next restart is immediate.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// How long to wait for SIGKILLed workers to be reaped.
+const REAP_AFTER_KILL: Duration = Duration::from_secs(5);
+
+/// Runs a plan to the end; returns the process exit code.
+pub fn run(plan: Plan, factory: &Factory<'_>) -> Result<u8> {
+    let listener = match &plan.args.uds {
+        Some(path) => Listener::bind_unix(path, plan.args.backlog)?,
+        None => Listener::bind_tcp(&plan.args.host, plan.args.port, plan.args.backlog)?,
+    };
+    tracing::info!(
+        address = %listener.addr,
+        backlog = listener.effective_backlog,
+        workers = plan.workers(),
+        "listening on {}", listener.addr
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("cannot start the runtime", e))?;
+    rt.block_on(supervise(plan, listener, factory))
+}
+
+async fn supervise(plan: Plan, listener: Listener, factory: &Factory<'_>) -> Result<u8> {
+    let flag = StopFlag::new();
+    let metrics = Metrics::new(flag.clone());
+    metrics.workers_desired.set(plan.workers() as i64);
+    metrics.listen_backlog.set(i64::from(listener.effective_backlog));
+    let workers_up = Arc::new(AtomicBool::new(false));
+
+    let admin_listener = admin::bind(&plan.args.admin_host, plan.args.admin_port).await?;
+    if let Ok(a) = admin_listener.local_addr() {
+        tracing::info!(address = %a, "admin server on {a}");
+    }
+    let state = Arc::new(AdminState {
+        flag: flag.clone(),
+        workers_up: workers_up.clone(),
+        token: plan.token.clone(),
+        metrics: {
+            let m = metrics.clone();
+            Box::new(move || m.render())
+        },
+    });
+    tokio::spawn(admin::serve(admin_listener, state));
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
+    {
+        let flag = flag.clone();
+        tokio::spawn(async move {
+            loop {
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                if flag.request(StopSource::Signal) {
+                    tracing::info!("{name} received: draining");
+                } else {
+                    tracing::info!("{name} received again: already draining");
+                }
+            }
+        });
+    }
+
+    if plan.in_process() {
+        in_process(plan, listener, factory, flag, metrics, workers_up).await
+    } else {
+        let sigchld = signal(SignalKind::child()).map_err(|e| Error::io("SIGCHLD handler", e))?;
+        if let Err(e) = crate::sys::set_child_subreaper() {
+            tracing::warn!(error = %e, "cannot become a child subreaper; orphans of workers go to init");
+        }
+        let mut pool = Pool::new(plan, listener, flag, metrics, workers_up, sigchld);
+        pool.run().await
+    }
+}
+
+/// `--workers 1` with the built-in or library app: no child process.
+async fn in_process(
+    plan: Plan,
+    listener: Listener,
+    factory: &Factory<'_>,
+    flag: StopFlag,
+    metrics: Metrics,
+    workers_up: Arc<AtomicBool>,
+) -> Result<u8> {
+    let svc = factory(0, 1, plan.contexts[0].clone()).map_err(Error::Contexts)?;
+    stop::install(Stopper::InProcess(flag.clone()));
+    let (serving, _uds) = listener
+        .into_serving()
+        .map_err(|e| Error::io("cannot serve the listener", e))?;
+    let args = plan.args.clone();
+    let stop_accepting = {
+        let flag = flag.clone();
+        async move {
+            let source = flag.wait().await;
+            tracing::info!(source = source.as_str(), "stop requested: draining");
+            tokio::time::sleep(args.drain_delay).await;
+            tracing::info!("no longer accepting; finishing in-flight requests");
+        }
+    };
+    let up = || {
+        metrics.workers_running.set(1);
+        workers_up.store(true, Ordering::Release);
+    };
+    let draining = crate::serve::serve(serving, svc, stop_accepting, up).await;
+    let clean = draining.finish(Some(plan.args.graceful_timeout)).await;
+    metrics.workers_running.set(0);
+    if clean {
+        tracing::info!("drained cleanly");
+        Ok(exit::OK)
+    } else {
+        tracing::warn!(
+            timeout = ?plan.args.graceful_timeout,
+            "in-flight requests outlived --graceful-timeout: aborted"
+        );
+        Ok(exit::KILLED)
+    }
+}
+
+/// A worker's place in the pool; its id is its index.
+struct Slot {
+    /// The running process, if any.
+    pid: Option<i32>,
+    /// The supervisor's end of its control socket (drover's own workers get
+    /// drain messages on it).
+    ctl: Option<OwnedWriteHalf>,
+    /// It has said `R` (built-in) or simply runs (external command).
+    ready: bool,
+    /// When the current process started.
+    started: Instant,
+    /// Consecutive short-lived runs: the backoff exponent.
+    failures: u32,
+    /// When to start it again after it exited.
+    restart_at: Option<Instant>,
+    /// Incremented at each start, so that messages from an old process's
+    /// control socket are not taken for the new one's.
+    generation: u64,
+}
+
+/// Messages from the workers' control sockets.
+enum Event {
+    Ready { id: usize, generation: u64 },
+    Stop { id: usize, generation: u64 },
+}
+
+/// N worker processes sharing the listener.
+struct Pool {
+    plan: Plan,
+    /// The supervisor's copy of the socket: kept to start replacements, closed
+    /// when accepting stops.
+    listener: Option<Listener>,
+    flag: StopFlag,
+    metrics: Metrics,
+    workers_up: Arc<AtomicBool>,
+    sigchld: Signal,
+    slots: Vec<Slot>,
+    by_pid: HashMap<i32, usize>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    /// The environment every worker inherits (ours, minus what drover sets).
+    base_env: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Pool {
+    fn new(
+        plan: Plan,
+        listener: Listener,
+        flag: StopFlag,
+        metrics: Metrics,
+        workers_up: Arc<AtomicBool>,
+        sigchld: Signal,
+    ) -> Pool {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let ours = |k: &OsStr| {
+            let k = k.as_bytes();
+            k.starts_with(b"LISTEN_")
+                || k == worker::ROLE_ENV.as_bytes()
+                || k == b"DROVER_WORKER_ID"
+                || k == b"DROVER_WORKERS"
+                || k == b"DROVER_WORKER_CONTEXT"
+                || k == b"DROVER_STOP_FD"
+                || k == b"DROVER_LOG_FORMAT"
+                || k == b"DROVER_LOG_LEVEL"
+        };
+        let base_env = std::env::vars_os()
+            .filter(|(k, _)| !ours(k))
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        let now = Instant::now();
+        let slots = (0..plan.workers())
+            .map(|_| Slot {
+                pid: None,
+                ctl: None,
+                ready: false,
+                started: now,
+                failures: 0,
+                restart_at: Some(now),
+                generation: 0,
+            })
+            .collect();
+        Pool {
+            plan,
+            listener: Some(listener),
+            flag,
+            metrics,
+            workers_up,
+            sigchld,
+            slots,
+            by_pid: HashMap::new(),
+            events_tx,
+            events_rx,
+            base_env,
+        }
+    }
+
+    async fn run(&mut self) -> Result<u8> {
+        let flag = self.flag.clone();
+        let stopped = flag.wait();
+        tokio::pin!(stopped);
+        let source = loop {
+            self.start_due();
+            let next = self.slots.iter().filter_map(|s| s.restart_at).min();
+            tokio::select! {
+                biased;
+                source = &mut stopped => break source,
+                _ = self.sigchld.recv() => self.reap(false),
+                Some(ev) = self.events_rx.recv() => self.on_event(ev),
+                _ = sleep_until_opt(next) => {}
+            }
+        };
+        self.drain(source).await
+    }
+
+    /// Starts every slot whose restart time has come.
+    fn start_due(&mut self) {
+        let now = Instant::now();
+        for id in 0..self.slots.len() {
+            if self.slots[id].pid.is_none() && self.slots[id].restart_at.is_some_and(|t| t <= now) {
+                self.slots[id].restart_at = None;
+                if let Err(e) = self.start(id) {
+                    tracing::error!(worker = id, error = %e, "cannot start worker");
+                    self.schedule_restart(id, false);
+                }
+            }
+        }
+        self.update_readiness();
+    }
+
+    fn start(&mut self, id: usize) -> std::io::Result<()> {
+        let Some(listener) = &self.listener else {
+            return Ok(());
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let theirs = crate::sys::high_fd(OwnedFd::from(theirs))?;
+        let n = self.plan.workers();
+        let context = serde_json::to_string(&self.plan.contexts[id]).unwrap_or_else(|_| "null".into());
+        let mut env = self.base_env.clone();
+        let mut set = |k: &str, v: &[u8]| env.push((k.as_bytes().to_vec(), v.to_vec()));
+        set("LISTEN_FDS", b"1");
+        set("LISTEN_PID", b"");
+        set("LISTEN_FDNAMES", b"http");
+        set("DROVER_WORKER_ID", id.to_string().as_bytes());
+        set("DROVER_WORKERS", n.to_string().as_bytes());
+        set("DROVER_WORKER_CONTEXT", context.as_bytes());
+        set("DROVER_STOP_FD", worker::STOP_FD.to_string().as_bytes());
+        let (program, argv): (OsString, Vec<OsString>) = match &self.plan.app {
+            AppKind::Builtin => {
+                set(worker::ROLE_ENV, worker::ROLE_WORKER.as_bytes());
+                let format = match self.plan.args.log_format {
+                    crate::config::LogFormat::Text => "text",
+                    crate::config::LogFormat::Json => "json",
+                };
+                set("DROVER_LOG_FORMAT", format.as_bytes());
+                set("DROVER_LOG_LEVEL", self.plan.args.log_level.as_bytes());
+                ("/proc/self/exe".into(), std::env::args_os().collect())
+            }
+            AppKind::Command { program, argv } => (program.clone().into(), argv.clone()),
+        };
+        let args: Vec<&OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
+        let fds = [(listener.raw_fd(), worker::LISTEN_FD), (theirs.as_raw_fd(), worker::STOP_FD)];
+        let pid = crate::sys::Spawn::new(&program, &args, &env, &fds)?.spawn()?;
+        drop(theirs);
+
+        ours.set_nonblocking(true)?;
+        let (mut read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
+        let slot = &mut self.slots[id];
+        slot.generation += 1;
+        slot.pid = Some(pid);
+        slot.ctl = Some(write);
+        slot.started = Instant::now();
+        // An external command counts as up once it runs.
+        slot.ready = !matches!(self.plan.app, AppKind::Builtin);
+        self.by_pid.insert(pid, id);
+        self.metrics.workers_running.set(self.by_pid.len() as i64);
+        tracing::info!(worker = id, pid, "worker started");
+
+        let generation = slot.generation;
+        let builtin = matches!(self.plan.app, AppKind::Builtin);
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        for &b in &buf[..n] {
+                            let ev = if builtin && b == worker::MSG_READY[0] {
+                                Event::Ready { id, generation }
+                            } else {
+                                // External workers: any byte asks for a stop.
+                                Event::Stop { id, generation }
+                            };
+                            if tx.send(ev).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Ready { id, generation } => {
+                if self.slots[id].generation == generation && self.slots[id].pid.is_some() {
+                    self.slots[id].ready = true;
+                    self.update_readiness();
+                }
+            }
+            Event::Stop { id, generation } => {
+                if self.slots[id].generation == generation && self.flag.request(StopSource::Worker) {
+                    tracing::info!(worker = id, "worker asked to stop the service: draining");
+                }
+            }
+        }
+    }
+
+    fn update_readiness(&self) {
+        let up = self.slots.iter().all(|s| s.pid.is_some() && s.ready);
+        self.workers_up.store(up, Ordering::Release);
+    }
+
+    /// Reaps every exited child: workers (restarted unless `draining`) and
+    /// orphans of workers that were reparented to drover.
+    fn reap(&mut self, draining: bool) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(s) => s,
+            };
+            let (pid, how, failed) = match status {
+                WaitStatus::Exited(pid, code) => (pid.as_raw(), format!("exit code {code}"), code != 0),
+                WaitStatus::Signaled(pid, sig, _) => (pid.as_raw(), format!("signal {sig}"), true),
+                _ => continue,
+            };
+            let Some(id) = self.by_pid.remove(&pid) else {
+                tracing::debug!(pid, "reaped {how} of an orphaned descendant");
+                continue;
+            };
+            self.metrics.workers_running.set(self.by_pid.len() as i64);
+            let slot = &mut self.slots[id];
+            slot.pid = None;
+            slot.ready = false;
+            slot.ctl = None;
+            if draining {
+                tracing::info!(worker = id, pid, "worker exited ({how})");
+                continue;
+            }
+            let restart = match self.plan.args.restart {
+                Restart::Always => true,
+                Restart::OnFailure => failed,
+                Restart::Never => false,
+            };
+            tracing::warn!(worker = id, pid, restart, "worker exited on its own ({how})");
+            if restart {
+                self.schedule_restart(id, true);
+            }
+        }
+        self.update_readiness();
+    }
+
+    /// Plans the next start of worker `id` with capped exponential backoff;
+    /// a worker that ran for a while is restarted at once.
+    fn schedule_restart(&mut self, id: usize, count: bool) {
+        let slot = &mut self.slots[id];
+        if slot.started.elapsed() >= STABLE_AFTER {
+            slot.failures = 0;
+        }
+        let delay = if slot.failures == 0 {
+            Duration::ZERO
+        } else {
+            (BACKOFF_MIN * 2u32.saturating_pow(slot.failures - 1)).min(BACKOFF_MAX)
+        };
+        slot.failures = slot.failures.saturating_add(1).min(16);
+        slot.restart_at = Some(Instant::now() + delay);
+        if count {
+            self.metrics
+                .worker_restarts
+                .with_label_values(&[&id.to_string()])
+                .inc();
+        }
+        if !delay.is_zero() {
+            tracing::info!(worker = id, delay = ?delay, "restarting worker after backoff");
+        }
+    }
+
+    fn tell(&mut self, id: usize, msg: &[u8]) {
+        if let Some(w) = &self.slots[id].ctl {
+            let _ = w.try_write(msg);
+        }
+    }
+
+    fn alive(&self) -> usize {
+        self.by_pid.len()
+    }
+
+    async fn drain(&mut self, source: StopSource) -> Result<u8> {
+        let args = self.plan.args.clone();
+        tracing::info!(source = source.as_str(), "stop requested: draining");
+        self.workers_up.store(false, Ordering::Release);
+        for s in &mut self.slots {
+            s.restart_at = None;
+        }
+        let builtin = matches!(self.plan.app, AppKind::Builtin);
+        if builtin {
+            for id in 0..self.slots.len() {
+                self.tell(id, worker::MSG_DRAINING);
+            }
+        }
+
+        // 2. Keep serving for the drain delay.
+        let until = Instant::now() + args.drain_delay;
+        while Instant::now() < until && self.alive() > 0 {
+            tokio::select! {
+                _ = self.sigchld.recv() => self.reap(true),
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+
+        // 3. Stop accepting.
+        if let Some(l) = self.listener.take() {
+            if let Err(e) = l.stop_new() {
+                tracing::warn!(error = %e, "listen(0) on the shared socket failed");
+            }
+        }
+        tracing::info!("no longer accepting; finishing in-flight requests");
+        for id in 0..self.slots.len() {
+            let Some(pid) = self.slots[id].pid else { continue };
+            if builtin {
+                self.tell(id, worker::MSG_STOP_ACCEPTING);
+            } else {
+                crate::sys::kill(pid, args.stop_signal.signo);
+            }
+        }
+
+        // 4. Wait, then kill.
+        let deadline = Instant::now() + args.graceful_timeout;
+        while self.alive() > 0 && Instant::now() < deadline {
+            tokio::select! {
+                _ = self.sigchld.recv() => self.reap(true),
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        let killed = self.alive() > 0;
+        if killed {
+            let pids: Vec<i32> = self.by_pid.keys().copied().collect();
+            tracing::warn!(
+                ?pids,
+                timeout = ?args.graceful_timeout,
+                "workers outlived --graceful-timeout: SIGKILL"
+            );
+            for &pid in &pids {
+                crate::sys::kill_group(pid, libc::SIGKILL);
+                crate::sys::kill(pid, libc::SIGKILL);
+            }
+            let until = Instant::now() + REAP_AFTER_KILL;
+            while self.alive() > 0 && Instant::now() < until {
+                tokio::select! {
+                    _ = self.sigchld.recv() => self.reap(true),
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
+        }
+        // Reap whatever else already exited (orphans of workers).
+        self.reap(true);
+        if killed {
+            Ok(exit::KILLED)
+        } else {
+            tracing::info!("drained cleanly");
+            Ok(exit::OK)
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,360 @@
+//! Process-level system calls: the only module of drover that uses `unsafe`.
+//!
+//! It owns starting a worker process (fork + exec), the prctl calls that make
+//! drover a correct PID 1, and moving descriptors out of the way of the fds a
+//! worker is promised (3 and 4). Nothing else in the crate forks, dups onto a
+//! fixed number or calls prctl.
+//!
+//! # Why fork + exec, and why it is sound here
+//! The supervisor runs a tokio runtime, an admin server and (for the ConfigMap
+//! source) a Kubernetes client, so it has threads. After `fork` in a threaded
+//! process the child holds a copy of only the forking thread, and any lock
+//! another thread held (the allocator's, stdio's, tracing's) stays locked
+//! forever. The child therefore runs only async-signal-safe system calls on
+//! memory prepared *before* the fork, then `execve`s: the built-in and library
+//! apps re-exec drover's own binary (`/proc/self/exe`) in worker mode, external
+//! commands exec the resolved program. This is the spawn model of mpservice's
+//! `start_server`, without Python's cost. A single-threaded fork server would
+//! also work, but re-exec keeps one code path for built-in and external
+//! workers and lets a replacement worker be started at any time from a running
+//! supervisor.
+//!
+//! Every buffer the child touches (argv, envp, the `LISTEN_PID` slot) is built
+//! by [`Spawn::new`] in the parent; the child writes only into that slot, which
+//! is its own copy-on-write page.
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// The lowest descriptor number [`high_fd`] hands out. Descriptors a worker
+/// receives are dup2'ed onto 3 and 4; keeping every source at or above this
+/// number means a `dup2` onto 3 can never clobber the source of the 4.
+pub const HIGH_FD_BASE: RawFd = 10;
+
+/// The environment variable whose value the child fills in with its own pid.
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+/// Moves `fd` to a close-on-exec descriptor numbered at least
+/// [`HIGH_FD_BASE`], so that the fixed numbers workers expect stay free.
+pub fn high_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() >= HIGH_FD_BASE {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new descriptor
+    // that nothing else owns; wrapping it in an OwnedFd gives it one owner.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD_BASE) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Makes this process the reaper of its orphaned descendants
+/// (`PR_SET_CHILD_SUBREAPER`), so a worker's own children that it leaves
+/// behind are reparented to drover and reaped, even when drover is not PID 1.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments reads and writes no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Everything a child needs, prepared in the parent so the child allocates
+/// nothing.
+pub struct Spawn {
+    program: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp: Vec<Vec<u8>>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// Index into `envp` of the `LISTEN_PID=` entry, if any.
+    listen_pid: Option<usize>,
+    /// (source, target) pairs: the child dup2s each source onto its target.
+    fds: Vec<(RawFd, RawFd)>,
+    /// Put the child in a process group of its own, so a terminal's Ctrl-C
+    /// reaches only the supervisor (which then drains everybody in order), and
+    /// so the supervisor can kill a worker together with its own children.
+    new_process_group: bool,
+}
+
+impl Spawn {
+    /// Prepares `program` with `args` (argv[0] included) and the complete
+    /// environment `env`. An entry `LISTEN_PID` in `env` is rewritten in the
+    /// child to the child's own pid.
+    pub fn new(
+        program: &OsStr,
+        args: &[&OsStr],
+        env: &[(Vec<u8>, Vec<u8>)],
+        fds: &[(RawFd, RawFd)],
+    ) -> io::Result<Spawn> {
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte")
+            })
+        };
+        let program = cstr(program.as_bytes())?;
+        let argv: Vec<CString> = args
+            .iter()
+            .map(|a| cstr(a.as_bytes()))
+            .collect::<io::Result<_>>()?;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+
+        let mut listen_pid = None;
+        let mut envp = Vec::with_capacity(env.len());
+        for (k, v) in env {
+            if k.contains(&0) || k.contains(&b'=') || v.contains(&0) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "environment variable contains a NUL byte or a bad name",
+                ));
+            }
+            let mut entry = Vec::with_capacity(k.len() + v.len() + 24);
+            entry.extend_from_slice(k);
+            entry.push(b'=');
+            if k.as_slice() == &LISTEN_PID_PREFIX[..LISTEN_PID_PREFIX.len() - 1] {
+                listen_pid = Some(envp.len());
+                // Room for any pid: the child writes the digits and a NUL.
+                entry.extend_from_slice(&[b'0'; 20]);
+            } else {
+                entry.extend_from_slice(v);
+            }
+            entry.push(0);
+            envp.push(entry);
+        }
+        let mut envp_ptrs: Vec<*const libc::c_char> =
+            envp.iter().map(|e| e.as_ptr().cast()).collect();
+        envp_ptrs.push(std::ptr::null());
+        for &(src, _) in fds {
+            if src < HIGH_FD_BASE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "descriptor handed to a worker must come from high_fd()",
+                ));
+            }
+        }
+        Ok(Spawn {
+            program,
+            _argv: argv,
+            argv_ptrs,
+            envp,
+            envp_ptrs,
+            listen_pid,
+            fds: fds.to_vec(),
+            new_process_group: true,
+        })
+    }
+
+    /// Forks and execs. Returns the child's pid once `execve` has succeeded,
+    /// or the errno of the failed `execve` (the child has then exited 127).
+    pub fn spawn(&mut self) -> io::Result<libc::pid_t> {
+        // A close-on-exec pipe reports a failed exec: the child writes its
+        // errno; a successful exec closes the write end and the read sees EOF.
+        let mut pipe = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes two descriptors into the array we pass.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are fresh and owned by nothing else.
+        let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+
+        let parent = std::process::id() as libc::pid_t;
+        let listen_pid_slot: *mut u8 = match self.listen_pid {
+            // SAFETY: the entry has LISTEN_PID_PREFIX.len() + 20 + 1 bytes.
+            Some(i) => unsafe { self.envp[i].as_mut_ptr().add(LISTEN_PID_PREFIX.len()) },
+            None => std::ptr::null_mut(),
+        };
+        // The empty signal set is built before the fork (sigemptyset is
+        // async-signal-safe, but there is no reason to do work in the child).
+        let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sigemptyset initialises the set we own.
+        unsafe { libc::sigemptyset(&mut empty) };
+
+        // SAFETY: see the module doc. Between fork and execve the child calls
+        // only async-signal-safe functions (sigprocmask, signal, prctl,
+        // getppid, setpgid, fcntl, dup2, syscall(close_range), execve, write,
+        // _exit, getpid) on memory prepared above, and never returns.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            unsafe { self.child(err_w.as_raw_fd(), parent, listen_pid_slot, &empty) }
+        }
+        drop(err_w);
+        let mut errno = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            // SAFETY: reading into our own buffer from our own descriptor.
+            let n = unsafe {
+                libc::read(err_r.as_raw_fd(), errno[got..].as_mut_ptr().cast(), 4 - got)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            got += n as usize;
+        }
+        if got == 4 {
+            // The child exited 127 right after writing; the supervisor's
+            // reaper collects it like any other exit.
+            return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+        }
+        Ok(pid)
+    }
+
+    /// The child side. Never returns.
+    ///
+    /// # Safety
+    /// Only to be called in the child right after `fork`.
+    unsafe fn child(
+        &self,
+        err_w: RawFd,
+        parent: libc::pid_t,
+        listen_pid_slot: *mut u8,
+        empty: &libc::sigset_t,
+    ) -> ! {
+        let fail = |err_w: RawFd| -> ! {
+            let e = *libc::__errno_location();
+            let b = e.to_ne_bytes();
+            libc::write(err_w, b.as_ptr().cast(), 4);
+            libc::_exit(127)
+        };
+        // Signal state: tokio's handlers are reset by execve, but the mask is
+        // inherited and Rust's runtime ignores SIGPIPE, which execve keeps.
+        libc::sigprocmask(libc::SIG_SETMASK, empty, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // Die with the supervisor. The death signal is tied to the forking
+        // thread: the supervisor forks only from its main thread, which lives
+        // as long as the process. Checking getppid afterwards closes the race
+        // where the supervisor died before the prctl.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            fail(err_w);
+        }
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+        if self.new_process_group {
+            libc::setpgid(0, 0);
+        }
+        // Sources are all >= HIGH_FD_BASE (checked in new), so no dup2 onto a
+        // target can overwrite a later source. dup2 clears FD_CLOEXEC on the
+        // new descriptor.
+        for &(src, dst) in &self.fds {
+            if libc::dup2(src, dst) < 0 {
+                fail(err_w);
+            }
+        }
+        // Close every other descriptor above stderr that the targets and the
+        // error pipe do not use, even ones drover itself inherited without
+        // CLOEXEC: a worker holds exactly what the contract names.
+        let mut keep: [RawFd; 8] = [-1; 8];
+        let mut nkeep = 0;
+        for &(_, dst) in &self.fds {
+            if nkeep < 7 {
+                keep[nkeep] = dst;
+                nkeep += 1;
+            }
+        }
+        keep[nkeep] = err_w;
+        nkeep += 1;
+        // Insertion sort on a stack array: no allocation.
+        for i in 1..nkeep {
+            let mut j = i;
+            while j > 0 && keep[j - 1] > keep[j] {
+                keep.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        let mut next: RawFd = 3;
+        for &k in &keep[..nkeep] {
+            if k > next {
+                libc::syscall(libc::SYS_close_range, next as libc::c_uint, (k - 1) as libc::c_uint, 0);
+            }
+            if k + 1 > next {
+                next = k + 1;
+            }
+        }
+        libc::syscall(libc::SYS_close_range, next as libc::c_uint, libc::c_uint::MAX, 0);
+
+        if !listen_pid_slot.is_null() {
+            write_decimal(listen_pid_slot, libc::getpid() as u64);
+        }
+        libc::execve(self.program.as_ptr(), self.argv_ptrs.as_ptr(), self.envp_ptrs.as_ptr());
+        fail(err_w)
+    }
+}
+
+/// Writes `n` in decimal followed by a NUL at `dst` (at most 21 bytes).
+///
+/// # Safety
+/// `dst` must point to at least 21 writable bytes.
+unsafe fn write_decimal(dst: *mut u8, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = buf.len() - i;
+    std::ptr::copy_nonoverlapping(buf[i..].as_ptr(), dst, len);
+    *dst.add(len) = 0;
+}
+
+/// Sends `sig` to the process group led by `pid` (a worker and the children
+/// it started). Errors such as "no such process" are ignored: the group is
+/// gone either way.
+pub fn kill_group(pid: libc::pid_t, sig: libc::c_int) -> bool {
+    // SAFETY: kill with integer arguments touches no memory.
+    unsafe { libc::kill(-pid, sig) == 0 }
+}
+
+/// Sends `sig` to one process. Returns false if it no longer exists.
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> bool {
+    // SAFETY: kill with integer arguments touches no memory.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+/// Takes ownership of a descriptor that this process inherited by contract
+/// (a worker's fd 3 and 4), after checking that it is open.
+pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Mark it close-on-exec: a worker hands it on to nobody.
+    // SAFETY: as above, F_SETFD only changes the descriptor's flags.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the supervisor placed this descriptor for this process only, and
+    // nothing else in the process refers to it by number.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_is_nul_terminated() {
+        let mut buf = [b'x'; 21];
+        unsafe { write_decimal(buf.as_mut_ptr(), 4_194_304) };
+        assert_eq!(&buf[..8], b"4194304\0");
+        unsafe { write_decimal(buf.as_mut_ptr(), 0) };
+        assert_eq!(&buf[..2], b"0\0");
+    }
+}
