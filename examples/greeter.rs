@@ -19,7 +19,10 @@ struct Context {
 
 fn main() -> std::process::ExitCode {
     drover::run(|w: Worker<Context>| {
-        let hello = format!("{} from worker {} of {}\n", w.context.greeting, w.id, w.workers);
+        let hello = format!(
+            "{} from worker {} of {}\n",
+            w.context.greeting, w.id, w.workers
+        );
         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let resp = match (req.method(), req.uri().path()) {
                 (&Method::POST, "/shutdown") => {

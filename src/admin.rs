@@ -22,7 +22,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -59,16 +61,28 @@ pub struct AdminState {
 pub async fn bind(host: &str, port: u16) -> Result<TcpListener> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let fail = |reason: String| Error::Listen {
-        addr: if bare.contains(':') { format!("[{bare}]:{port} (admin)") } else { format!("{bare}:{port} (admin)") },
+        addr: if bare.contains(':') {
+            format!("[{bare}]:{port} (admin)")
+        } else {
+            format!("{bare}:{port} (admin)")
+        },
         reason,
     };
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
         .await
-        .map_err(|e| fail(format!("`{host}` is not an address or a resolvable host name ({e})")))?
+        .map_err(|e| {
+            fail(format!(
+                "`{host}` is not an address or a resolvable host name ({e})"
+            ))
+        })?
         .collect();
     let addr = *addrs.first().ok_or_else(|| fail("no address".into()))?;
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
-        .map_err(|e| fail(e.to_string()))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(|e| fail(e.to_string()))?;
     let _ = socket.set_reuse_address(true);
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         let _ = socket.set_only_v6(false);
@@ -81,7 +95,9 @@ pub async fn bind(host: &str, port: u16) -> Result<TcpListener> {
         })
     })?;
     socket.listen(128).map_err(|e| fail(e.to_string()))?;
-    socket.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| fail(e.to_string()))?;
     TcpListener::from_std(socket.into()).map_err(|e| fail(e.to_string()))
 }
 
@@ -137,7 +153,10 @@ fn route(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Respo
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                 .unwrap_or(0);
             if announced > MAX_BODY_BYTES {
-                return text(StatusCode::PAYLOAD_TOO_LARGE, "a stop request needs no body\n");
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "a stop request needs no body\n",
+                );
             }
             if state.flag.request(StopSource::Http) {
                 tracing::info!(%peer, "stop requested over HTTP");
@@ -168,19 +187,32 @@ fn route(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Respo
 }
 
 /// None when the caller may stop; else the refusal.
-fn authorize(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+fn authorize(
+    state: &AdminState,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Option<Response<Full<Bytes>>> {
     match &state.token {
         Some(token) => {
             let given = req
                 .headers()
                 .get(AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .map(|v| v.as_bytes())
+                .and_then(|v| {
+                    // The scheme name is case-insensitive (RFC 9110 11.1).
+                    let (scheme, rest) = v.split_at_checked(7)?;
+                    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+                })
                 .unwrap_or(b"");
             if bool::from(given.ct_eq(token.as_slice())) {
                 None
             } else {
-                let mut r = text(StatusCode::UNAUTHORIZED, "a valid bearer token is required\n");
-                r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                let mut r = text(
+                    StatusCode::UNAUTHORIZED,
+                    "a valid bearer token is required\n",
+                );
+                r.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 Some(r)
             }
         }
@@ -195,20 +227,26 @@ fn authorize(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> O
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
 fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-    r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
     r
 }
 
 fn text(code: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = code;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 

@@ -45,7 +45,10 @@ pub(crate) struct DynService(Arc<dyn Fn(Request<Incoming>) -> DynFuture + Send +
 impl DynService {
     pub(crate) fn new<S, B>(svc: S) -> DynService
     where
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+            + Send
+            + Sync
+            + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -75,11 +78,14 @@ impl hyper::service::Service<Request<Incoming>> for DynService {
 }
 
 /// A factory that builds one process's service from its [`Worker`].
-pub(crate) type Factory<'a> = dyn Fn(usize, usize, serde_json::Value) -> Result<DynService, String> + 'a;
+pub(crate) type Factory<'a> =
+    dyn Fn(usize, usize, serde_json::Value) -> Result<DynService, String> + 'a;
 
 /// Erases a typed factory: deserializes the context into `C` and boxes the
 /// service. A context that does not fit `C` is an error naming the worker.
-pub(crate) fn erase<'a, C, F, S, B>(factory: &'a F) -> impl Fn(usize, usize, serde_json::Value) -> Result<DynService, String> + 'a
+pub(crate) fn erase<'a, C, F, S, B>(
+    factory: &'a F,
+) -> impl Fn(usize, usize, serde_json::Value) -> Result<DynService, String> + 'a
 where
     C: serde::de::DeserializeOwned,
     F: Fn(Worker<C>) -> S,
@@ -101,8 +107,12 @@ where
 }
 
 /// Deserializes worker `id`'s context into the app's type.
-pub(crate) fn typed_context<C: serde::de::DeserializeOwned>(id: usize, raw: &serde_json::Value) -> Result<C, String> {
-    C::deserialize(raw).map_err(|e| format!("worker {id}'s context does not fit the app's context type: {e}"))
+pub(crate) fn typed_context<C: serde::de::DeserializeOwned>(
+    id: usize,
+    raw: &serde_json::Value,
+) -> Result<C, String> {
+    C::deserialize(raw)
+        .map_err(|e| format!("worker {id}'s context does not fit the app's context type: {e}"))
 }
 
 /// A full response body from bytes; handy for handlers.

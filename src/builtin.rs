@@ -37,7 +37,9 @@ pub fn app(worker: Worker<serde_json::Value>) -> Builtin {
     });
     let mut index = serde_json::to_vec(&body).unwrap_or_default();
     index.push(b'\n');
-    Builtin { index: index.into() }
+    Builtin {
+        index: index.into(),
+    }
 }
 
 fn json(code: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
@@ -73,7 +75,10 @@ impl hyper::service::Service<Request<Incoming>> for Builtin {
                     Some(Ok(ms)) => Box::pin(async move {
                         let ms = ms.min(MAX_SLEEP_MS);
                         tokio::time::sleep(Duration::from_millis(ms)).await;
-                        Ok(json(StatusCode::OK, format!("{{\"slept_ms\":{ms}}}\n").into()))
+                        Ok(json(
+                            StatusCode::OK,
+                            format!("{{\"slept_ms\":{ms}}}\n").into(),
+                        ))
                     }),
                     _ => {
                         let r = json(

@@ -6,7 +6,9 @@ use std::path::Path;
 
 /// CPUs allowed: `ceil(quota / period)`, capped by the affinity mask; at least 1.
 pub fn allowed_cpus() -> usize {
-    let affinity = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let affinity = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let quota = quota_cpus(Path::new("/"));
     quota.map_or(affinity, |q| q.min(affinity)).max(1)
 }
@@ -15,11 +17,13 @@ pub fn allowed_cpus() -> usize {
 pub fn quota_cpus(root: &Path) -> Option<usize> {
     // cgroup v2: the process's own cgroup, then the root of the mount (in a
     // container with a private cgroup namespace both are the same file).
-    let own = std::fs::read_to_string(root.join("proc/self/cgroup")).ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .map(|p| p.trim().trim_start_matches('/').to_string())
-    });
+    let own = std::fs::read_to_string(root.join("proc/self/cgroup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|p| p.trim().trim_start_matches('/').to_string())
+        });
     let mut candidates = Vec::new();
     if let Some(p) = &own {
         candidates.push(root.join("sys/fs/cgroup").join(p).join("cpu.max"));
@@ -68,7 +72,11 @@ mod tests {
         std::fs::create_dir_all(dir.join("proc/self")).unwrap();
         std::fs::create_dir_all(dir.join("sys/fs/cgroup/kubepods/pod1")).unwrap();
         std::fs::write(dir.join("proc/self/cgroup"), "0::/kubepods/pod1\n").unwrap();
-        std::fs::write(dir.join("sys/fs/cgroup/kubepods/pod1/cpu.max"), "300000 100000\n").unwrap();
+        std::fs::write(
+            dir.join("sys/fs/cgroup/kubepods/pod1/cpu.max"),
+            "300000 100000\n",
+        )
+        .unwrap();
         assert_eq!(quota_cpus(&dir), Some(3));
         std::fs::remove_dir_all(&dir).unwrap();
     }

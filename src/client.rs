@@ -1,8 +1,6 @@
 //! `drover stop`: posts to `/admin/stop` so preStop hooks work in images
 //! with no shell and no curl. Exit 0 on 202, 77 on 401/403, 69 otherwise.
 
-
-
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::header::{AUTHORIZATION, HOST};
@@ -39,13 +37,19 @@ pub fn stop(args: StopArgs) -> Result<()> {
         .parse()
         .map_err(|e| Error::Config(format!("--admin-url {url}: {e}")))?;
     if base.scheme_str() != Some("http") {
-        return Err(Error::Config(format!("--admin-url {url}: only http:// URLs are supported")));
+        return Err(Error::Config(format!(
+            "--admin-url {url}: only http:// URLs are supported"
+        )));
     }
     let authority = base
         .authority()
         .ok_or_else(|| Error::Config(format!("--admin-url {url}: no host")))?
         .clone();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = authority.port_u16().unwrap_or(80);
     let prefix = base.path().trim_end_matches('/');
     let path = format!("{prefix}/admin/stop");
@@ -69,14 +73,26 @@ pub fn stop(args: StopArgs) -> Result<()> {
                 if let Some(t) = &token {
                     req = req.header(AUTHORIZATION, format!("Bearer {t}"));
                 }
-                let req = req.body(Empty::<Bytes>::new()).map_err(std::io::Error::other)?;
-                let resp = send.send_request(req).await.map_err(std::io::Error::other)?;
+                let req = req
+                    .body(Empty::<Bytes>::new())
+                    .map_err(std::io::Error::other)?;
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 Ok::<_, std::io::Error>(resp.status())
             })
             .await
-            .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timed out",
+                ))
+            })
         })
-        .map_err(|e| Error::StopUnavailable(format!("cannot reach the admin server at {url}: {e}")))?;
+        .map_err(|e| {
+            Error::StopUnavailable(format!("cannot reach the admin server at {url}: {e}"))
+        })?;
     match status {
         StatusCode::ACCEPTED => Ok(()),
         StatusCode::UNAUTHORIZED => Err(Error::StopRefused(format!(
@@ -85,7 +101,8 @@ pub fn stop(args: StopArgs) -> Result<()> {
         StatusCode::FORBIDDEN => Err(Error::StopRefused(format!(
             "{url} answered 403: without a token only loopback callers may stop"
         ))),
-        other => Err(Error::StopUnavailable(format!("{url} answered {other}, not 202"))),
+        other => Err(Error::StopUnavailable(format!(
+            "{url} answered {other}, not 202"
+        ))),
     }
 }
-

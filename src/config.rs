@@ -31,7 +31,7 @@ pub enum Command {
     /// Ask a running drover to stop (for preStop hooks in images without curl).
     Stop(StopArgs),
     /// Load the configuration and worker contexts, print the plan, exit 0 or 78.
-    Check(RunArgs),
+    Check(Box<RunArgs>),
 }
 
 /// `drover stop` options.
@@ -69,14 +69,21 @@ pub struct RunArgs {
     #[arg(long, env = "DROVER_WORKERS", value_parser = parse_workers)]
     pub workers: Option<Workers>,
     /// YAML worker contexts from a file (e.g. a mounted ConfigMap).
-    #[arg(long, env = "DROVER_WORKER_CONTEXTS_FILE",
-          conflicts_with = "worker_contexts_configmap")]
+    #[arg(
+        long,
+        env = "DROVER_WORKER_CONTEXTS_FILE",
+        conflicts_with = "worker_contexts_configmap"
+    )]
     pub worker_contexts_file: Option<PathBuf>,
     /// YAML worker contexts from a ConfigMap through the Kubernetes API: [NS/]NAME.
     #[arg(long, env = "DROVER_WORKER_CONTEXTS_CONFIGMAP")]
     pub worker_contexts_configmap: Option<String>,
     /// Key inside the ConfigMap.
-    #[arg(long, env = "DROVER_WORKER_CONTEXTS_KEY", default_value = "worker-contexts.yaml")]
+    #[arg(
+        long,
+        env = "DROVER_WORKER_CONTEXTS_KEY",
+        default_value = "worker-contexts.yaml"
+    )]
     pub worker_contexts_key: String,
     /// What to do when the watched contexts change.
     #[arg(long, env = "DROVER_ON_CONTEXTS_CHANGE", value_enum, default_value_t = OnContextsChange::Restart)]
@@ -181,7 +188,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         return Err(format!("`{s}` is not a non-negative duration"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 500ms, 30s or 1m: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 500ms, 30s or 1m: {e}"))
 }
 
 fn parse_stop_signal(s: &str) -> Result<StopSignal, String> {

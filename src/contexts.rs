@@ -108,7 +108,9 @@ mod tests {
         let c = parse("model: small\nbatch: 8\n", "f").unwrap();
         let v = assign(&c, Some(Workers::Count(3)), || 9, "f").unwrap();
         assert_eq!(v.len(), 3);
-        assert!(v.iter().all(|x| x == &json!({"model": "small", "batch": 8})));
+        assert!(v
+            .iter()
+            .all(|x| x == &json!({"model": "small", "batch": 8})));
     }
 
     #[test]
@@ -123,7 +125,10 @@ mod tests {
         let c = parse("[a, b, c]", "ctx.yaml").unwrap();
         let e = assign(&c, Some(Workers::Count(2)), || 9, "ctx.yaml").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("3 worker contexts") && msg.contains("--workers is 2"), "{msg}");
+        assert!(
+            msg.contains("3 worker contexts") && msg.contains("--workers is 2"),
+            "{msg}"
+        );
         let e = assign(&c, Some(Workers::Auto), || 2, "ctx.yaml").unwrap_err();
         assert!(e.to_string().contains("auto resolved to 2"), "{e}");
         assert!(assign(&c, Some(Workers::Auto), || 3, "ctx.yaml").is_ok());
@@ -133,7 +138,10 @@ mod tests {
     fn malformed_yaml_names_line_and_column() {
         let e = parse("a: 1\nb: [1, 2\nc: 3\n", "ctx.yaml").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.starts_with("ctx.yaml: malformed YAML at line "), "{msg}");
+        assert!(
+            msg.starts_with("ctx.yaml: malformed YAML at line "),
+            "{msg}"
+        );
         assert!(msg.contains("column"), "{msg}");
     }
 

@@ -89,14 +89,18 @@ where
     B::Error: Into<BoxError>,
 {
     let erased = app::erase(&factory);
-    let validate = |id: usize, raw: &serde_json::Value| app::typed_context::<C>(id, raw).map(|_: C| ());
+    let validate =
+        |id: usize, raw: &serde_json::Value| app::typed_context::<C>(id, raw).map(|_: C| ());
 
     if worker::is_worker() {
         let format = match std::env::var("DROVER_LOG_FORMAT").as_deref() {
             Ok("json") => config::LogFormat::Json,
             _ => config::LogFormat::Text,
         };
-        logging::init(format, &std::env::var("DROVER_LOG_LEVEL").unwrap_or_else(|_| "info".into()));
+        logging::init(
+            format,
+            &std::env::var("DROVER_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+        );
         return worker::main(&erased);
     }
 
@@ -104,7 +108,11 @@ where
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     let result = match cli.command {
@@ -114,7 +122,7 @@ where
         }),
         Some(config::Command::Check(args)) => {
             logging::init(args.log_format, &args.log_level);
-            plan::load(args, &validate).map(|p| {
+            plan::load(*args, &validate).map(|p| {
                 print!("{}", plan::describe(&p));
                 exit::OK
             })

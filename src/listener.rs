@@ -85,7 +85,9 @@ impl Listener {
         let fail = |e: io::Error| Error::Listen {
             addr: addr.to_string(),
             reason: match e.kind() {
-                io::ErrorKind::AddrInUse => "address already in use (another process listens on it)".into(),
+                io::ErrorKind::AddrInUse => {
+                    "address already in use (another process listens on it)".into()
+                }
                 io::ErrorKind::PermissionDenied => {
                     "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".into()
                 }
@@ -127,11 +129,15 @@ impl Listener {
                 return Err(fail("a file that is not a socket exists there".into()));
             }
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(fail("address already in use (another process listens on it)".into()));
+                return Err(fail(
+                    "address already in use (another process listens on it)".into(),
+                ));
             }
-            std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+            std::fs::remove_file(path)
+                .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
         }
-        let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(|e| fail(e.to_string()))?;
+        let socket =
+            Socket::new(Domain::UNIX, Type::STREAM, None).map_err(|e| fail(e.to_string()))?;
         let addr = SockAddr::unix(path).map_err(|e| fail(e.to_string()))?;
         socket.bind(&addr).map_err(|e| fail(e.to_string()))?;
         // From here on the file is ours: remove it on every exit path.
@@ -252,7 +258,11 @@ impl ServeListener {
                 if let Ok(l) = l.into_std() {
                     while let Ok((s, _)) = l.accept() {
                         let _ = s.set_nodelay(true);
-                        if let Some(s) = s.set_nonblocking(true).ok().and_then(|_| tokio::net::TcpStream::from_std(s).ok()) {
+                        if let Some(s) = s
+                            .set_nonblocking(true)
+                            .ok()
+                            .and_then(|_| tokio::net::TcpStream::from_std(s).ok())
+                        {
                             out.push(Stream::Tcp(s));
                         }
                     }
@@ -261,7 +271,11 @@ impl ServeListener {
             ServeListener::Unix(l) => {
                 if let Ok(l) = l.into_std() {
                     while let Ok((s, _)) = l.accept() {
-                        if let Some(s) = s.set_nonblocking(true).ok().and_then(|_| tokio::net::UnixStream::from_std(s).ok()) {
+                        if let Some(s) = s
+                            .set_nonblocking(true)
+                            .ok()
+                            .and_then(|_| tokio::net::UnixStream::from_std(s).ok())
+                        {
                             out.push(Stream::Unix(s));
                         }
                     }
@@ -284,20 +298,34 @@ pub enum Stream {
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {
-            Stream::Tcp($s) => { let $s = Pin::new($s); $e }
-            Stream::Unix($s) => { let $s = Pin::new($s); $e }
+            Stream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
         }
     };
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -306,7 +334,11 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => s.poll_shutdown(cx))
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {

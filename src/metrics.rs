@@ -31,23 +31,36 @@ impl Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let counter = |name: &str, help: &str, label: &str| {
             let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let m = Metrics {
-            workers_desired: gauge("drover_workers_desired", "Number of workers the pod should run."),
-            workers_running: gauge("drover_workers_running", "Number of worker processes currently running."),
+            workers_desired: gauge(
+                "drover_workers_desired",
+                "Number of workers the pod should run.",
+            ),
+            workers_running: gauge(
+                "drover_workers_running",
+                "Number of worker processes currently running.",
+            ),
             worker_restarts: counter(
                 "drover_worker_restarts_total",
                 "Times each worker was restarted after it exited.",
                 "worker",
             ),
-            draining: gauge("drover_draining", "1 once a stop was requested and the pod drains, else 0."),
+            draining: gauge(
+                "drover_draining",
+                "1 once a stop was requested and the pod drains, else 0.",
+            ),
             stop_requests: counter(
                 "drover_stop_requests_total",
                 "Stop requests received, repeats included, by source.",

@@ -40,9 +40,15 @@ pub struct Plan {
     pub app: AppKind,
     /// The admin bearer token.
     pub token: Option<Vec<u8>>,
+    per_worker: bool,
 }
 
 impl Plan {
+    /// Whether the contexts give one item per worker (so they fix the count).
+    pub fn contexts_per_worker(&self) -> bool {
+        self.per_worker
+    }
+
     /// The number of workers.
     pub fn workers(&self) -> usize {
         self.contexts.len()
@@ -76,7 +82,10 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
     };
     let contexts = contexts::assign(&loaded, args.workers, crate::cgroup::allowed_cpus, &origin)?;
     if args.workers == Some(Workers::Auto) {
-        tracing::info!(workers = contexts.len(), "--workers auto: CPUs allowed by the cgroup quota");
+        tracing::info!(
+            workers = contexts.len(),
+            "--workers auto: CPUs allowed by the cgroup quota"
+        );
     }
 
     let app = match args.command.split_first() {
@@ -115,7 +124,9 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
             return Err(Error::Config("--uds needs a path".into()));
         }
     }
+    let per_worker = matches!(loaded, contexts::Contexts::PerWorker(_));
     Ok(Plan {
+        per_worker,
         args,
         contexts,
         contexts_origin: origin,
@@ -159,11 +170,16 @@ pub fn resolve_command(program: &str) -> Result<PathBuf> {
 
 fn check_executable(p: &Path) -> std::result::Result<(), String> {
     let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!("{} does not exist (a shell would exit 127)", p.display()),
+        std::io::ErrorKind::NotFound => {
+            format!("{} does not exist (a shell would exit 127)", p.display())
+        }
         _ => format!("{}: {e} (a shell would exit 126)", p.display()),
     })?;
     if meta.is_dir() {
-        return Err(format!("{} is a directory (a shell would exit 126)", p.display()));
+        return Err(format!(
+            "{} is a directory (a shell would exit 126)",
+            p.display()
+        ));
     }
     nix::unistd::access(p, nix::unistd::AccessFlags::X_OK)
         .map_err(|_| format!("{} is not executable (a shell would exit 126)", p.display()))
@@ -183,7 +199,11 @@ pub fn describe(plan: &Plan) -> String {
     let _ = writeln!(s, "listener: {listener}");
     match cap {
         Some(c) if c < a.backlog => {
-            let _ = writeln!(s, "backlog: {} (capped to {c} by net.core.somaxconn)", a.backlog);
+            let _ = writeln!(
+                s,
+                "backlog: {} (capped to {c} by net.core.somaxconn)",
+                a.backlog
+            );
         }
         _ => {
             let _ = writeln!(s, "backlog: {}", a.backlog);
@@ -195,7 +215,10 @@ pub fn describe(plan: &Plan) -> String {
         AppKind::Command { program, argv } => format!(
             "command {} (argv: {})",
             program.display(),
-            argv.iter().map(|x| x.to_string_lossy()).collect::<Vec<_>>().join(" ")
+            argv.iter()
+                .map(|x| x.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
         ),
     };
     let _ = writeln!(s, "workers: {} ({mode})", plan.workers());
@@ -203,7 +226,17 @@ pub fn describe(plan: &Plan) -> String {
     for (i, c) in plan.contexts.iter().enumerate() {
         let _ = writeln!(s, "  worker {i}: {c}");
     }
-    let _ = writeln!(s, "admin: {}:{}{}", a.admin_host, a.admin_port, if plan.token.is_some() { " (bearer token required for /admin/stop)" } else { " (stop from loopback only)" });
+    let _ = writeln!(
+        s,
+        "admin: {}:{}{}",
+        a.admin_host,
+        a.admin_port,
+        if plan.token.is_some() {
+            " (bearer token required for /admin/stop)"
+        } else {
+            " (stop from loopback only)"
+        }
+    );
     let _ = writeln!(
         s,
         "drain: delay {:?}, graceful timeout {:?}, stop signal {}, restart {:?}",

@@ -76,7 +76,9 @@ async fn supervise(plan: Plan, listener: Listener, factory: &Factory<'_>) -> Res
     let flag = StopFlag::new();
     let metrics = Metrics::new(flag.clone());
     metrics.workers_desired.set(plan.workers() as i64);
-    metrics.listen_backlog.set(i64::from(listener.effective_backlog));
+    metrics
+        .listen_backlog
+        .set(i64::from(listener.effective_backlog));
     let workers_up = Arc::new(AtomicBool::new(false));
 
     let admin_listener = admin::bind(&plan.args.admin_host, plan.args.admin_port).await?;
@@ -114,6 +116,20 @@ async fn supervise(plan: Plan, listener: Listener, factory: &Factory<'_>) -> Res
     }
 
     if plan.in_process() {
+        // No worker process to restart, add or remove: say so rather than
+        // letting SIGHUP's default action kill the pod.
+        for (kind, name) in [
+            (SignalKind::hangup(), "SIGHUP"),
+            (SignalKind::from_raw(libc::SIGTTIN), "SIGTTIN"),
+            (SignalKind::from_raw(libc::SIGTTOU), "SIGTTOU"),
+        ] {
+            let mut s = signal(kind).map_err(|e| Error::io("signal handler", e))?;
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::info!("{name} ignored: the app runs in-process (--workers 1), there is no worker process");
+                }
+            });
+        }
         in_process(plan, listener, factory, flag, metrics, workers_up).await
     } else {
         let sigchld = signal(SignalKind::child()).map_err(|e| Error::io("SIGCHLD handler", e))?;
@@ -153,7 +169,7 @@ async fn in_process(
         metrics.workers_running.set(1);
         workers_up.store(true, Ordering::Release);
     };
-    let draining = crate::serve::serve(serving, svc, stop_accepting, up).await;
+    let draining = crate::serve::serve(serving, svc, stop_accepting, up, true).await;
     let clean = draining.finish(Some(plan.args.graceful_timeout)).await;
     metrics.workers_running.set(0);
     if clean {
@@ -186,12 +202,49 @@ struct Slot {
     /// Incremented at each start, so that messages from an old process's
     /// control socket are not taken for the new one's.
     generation: u64,
+    /// During a rolling restart: the process being replaced, still serving
+    /// until its successor is up.
+    outgoing: Option<Outgoing>,
+    /// The context the next start of this slot gets.
+    context: serde_json::Value,
+    /// Removed by SIGTTOU: not restarted, not counted.
+    removed: bool,
+    /// The last process of this slot exited non-zero or by a signal.
+    last_failed: bool,
+}
+
+/// A process on its way out (replaced in a rolling restart, or removed by
+/// SIGTTOU). It is never restarted; the drain kills it if it lingers.
+struct Outgoing {
+    pid: i32,
+    ctl: Option<OwnedWriteHalf>,
 }
 
 /// Messages from the workers' control sockets.
 enum Event {
     Ready { id: usize, generation: u64 },
     Stop { id: usize, generation: u64 },
+}
+
+/// What a pid the supervisor started is.
+#[derive(Clone, Copy)]
+enum Role {
+    /// The current process of slot `id`.
+    Active(usize),
+    /// Replaced or removed. While its successor starts it still serves
+    /// (`deadline` None); once told to leave, `deadline` is when it gets SIGKILL.
+    Leaving {
+        id: usize,
+        deadline: Option<Instant>,
+    },
+}
+
+/// A rolling restart in progress: the slots still to replace, in order, and
+/// the one being replaced now (its new process is not up yet).
+#[derive(Default)]
+struct Roll {
+    queue: std::collections::VecDeque<usize>,
+    current: Option<usize>,
 }
 
 /// N worker processes sharing the listener.
@@ -205,11 +258,12 @@ struct Pool {
     workers_up: Arc<AtomicBool>,
     sigchld: Signal,
     slots: Vec<Slot>,
-    by_pid: HashMap<i32, usize>,
+    pids: HashMap<i32, Role>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     /// The environment every worker inherits (ours, minus what drover sets).
     base_env: Vec<(Vec<u8>, Vec<u8>)>,
+    roll: Option<Roll>,
 }
 
 impl Pool {
@@ -238,16 +292,10 @@ impl Pool {
             .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
             .collect();
         let now = Instant::now();
-        let slots = (0..plan.workers())
-            .map(|_| Slot {
-                pid: None,
-                ctl: None,
-                ready: false,
-                started: now,
-                failures: 0,
-                restart_at: Some(now),
-                generation: 0,
-            })
+        let slots = plan
+            .contexts
+            .iter()
+            .map(|c| Slot::new(c.clone(), now))
             .collect();
         Pool {
             plan,
@@ -257,36 +305,84 @@ impl Pool {
             workers_up,
             sigchld,
             slots,
-            by_pid: HashMap::new(),
+            pids: HashMap::new(),
             events_tx,
             events_rx,
             base_env,
+            roll: None,
         }
     }
 
     async fn run(&mut self) -> Result<u8> {
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("SIGHUP handler", e))?;
+        let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN))
+            .map_err(|e| Error::io("SIGTTIN handler", e))?;
+        let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))
+            .map_err(|e| Error::io("SIGTTOU handler", e))?;
         let flag = self.flag.clone();
         let stopped = flag.wait();
         tokio::pin!(stopped);
         let source = loop {
             self.start_due();
-            let next = self.slots.iter().filter_map(|s| s.restart_at).min();
+            self.advance_roll();
+            self.update_readiness();
+            let next = self
+                .slots
+                .iter()
+                .filter_map(|s| s.restart_at)
+                .chain(self.leaving_deadlines())
+                .min();
             tokio::select! {
                 biased;
                 source = &mut stopped => break source,
-                _ = self.sigchld.recv() => self.reap(false),
+                _ = self.sigchld.recv() => {
+                    self.reap(false);
+                    if let Some(code) = self.all_gone() {
+                        return Ok(code);
+                    }
+                }
                 Some(ev) = self.events_rx.recv() => self.on_event(ev),
-                _ = sleep_until_opt(next) => {}
+                _ = hup.recv() => self.rolling_restart("SIGHUP"),
+                _ = ttin.recv() => self.add_worker(),
+                _ = ttou.recv() => self.remove_worker(),
+                _ = sleep_until_opt(next) => self.kill_overdue(),
             }
         };
         self.drain(source).await
+    }
+
+    /// With `--restart never` or `on-failure`, the workers can all be gone
+    /// for good: then drover exits like tini when its child exits, 0 if the
+    /// last run of every worker succeeded, else 1.
+    fn all_gone(&self) -> Option<u8> {
+        let waiting = self
+            .slots
+            .iter()
+            .any(|s| !s.removed && (s.pid.is_some() || s.restart_at.is_some()));
+        if waiting || !self.pids.is_empty() {
+            return None;
+        }
+        let failed = self.slots.iter().any(|s| s.last_failed);
+        tracing::info!(
+            restart = ?self.plan.args.restart,
+            "every worker has exited and none is to be restarted: exiting"
+        );
+        Some(if failed { exit::KILLED } else { exit::OK })
+    }
+
+    fn leaving_deadlines(&self) -> impl Iterator<Item = Instant> + '_ {
+        self.pids.values().filter_map(|r| match r {
+            Role::Leaving { deadline, .. } => *deadline,
+            Role::Active(_) => None,
+        })
     }
 
     /// Starts every slot whose restart time has come.
     fn start_due(&mut self) {
         let now = Instant::now();
         for id in 0..self.slots.len() {
-            if self.slots[id].pid.is_none() && self.slots[id].restart_at.is_some_and(|t| t <= now) {
+            let s = &self.slots[id];
+            if s.pid.is_none() && !s.removed && s.restart_at.is_some_and(|t| t <= now) {
                 self.slots[id].restart_at = None;
                 if let Err(e) = self.start(id) {
                     tracing::error!(worker = id, error = %e, "cannot start worker");
@@ -294,7 +390,6 @@ impl Pool {
                 }
             }
         }
-        self.update_readiness();
     }
 
     fn start(&mut self, id: usize) -> std::io::Result<()> {
@@ -303,8 +398,9 @@ impl Pool {
         };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let theirs = crate::sys::high_fd(OwnedFd::from(theirs))?;
-        let n = self.plan.workers();
-        let context = serde_json::to_string(&self.plan.contexts[id]).unwrap_or_else(|_| "null".into());
+        let n = self.slots.iter().filter(|s| !s.removed).count();
+        let context =
+            serde_json::to_string(&self.slots[id].context).unwrap_or_else(|_| "null".into());
         let mut env = self.base_env.clone();
         let mut set = |k: &str, v: &[u8]| env.push((k.as_bytes().to_vec(), v.to_vec()));
         set("LISTEN_FDS", b"1");
@@ -328,25 +424,28 @@ impl Pool {
             AppKind::Command { program, argv } => (program.clone().into(), argv.clone()),
         };
         let args: Vec<&OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
-        let fds = [(listener.raw_fd(), worker::LISTEN_FD), (theirs.as_raw_fd(), worker::STOP_FD)];
+        let fds = [
+            (listener.raw_fd(), worker::LISTEN_FD),
+            (theirs.as_raw_fd(), worker::STOP_FD),
+        ];
         let pid = crate::sys::Spawn::new(&program, &args, &env, &fds)?.spawn()?;
         drop(theirs);
 
         ours.set_nonblocking(true)?;
         let (mut read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
+        let builtin = matches!(self.plan.app, AppKind::Builtin);
         let slot = &mut self.slots[id];
         slot.generation += 1;
         slot.pid = Some(pid);
         slot.ctl = Some(write);
         slot.started = Instant::now();
         // An external command counts as up once it runs.
-        slot.ready = !matches!(self.plan.app, AppKind::Builtin);
-        self.by_pid.insert(pid, id);
-        self.metrics.workers_running.set(self.by_pid.len() as i64);
+        slot.ready = !builtin;
+        let generation = slot.generation;
+        self.pids.insert(pid, Role::Active(id));
+        self.count_running();
         tracing::info!(worker = id, pid, "worker started");
 
-        let generation = slot.generation;
-        let builtin = matches!(self.plan.app, AppKind::Builtin);
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 64];
@@ -372,24 +471,36 @@ impl Pool {
         Ok(())
     }
 
+    fn count_running(&self) {
+        self.metrics.workers_running.set(self.pids.len() as i64);
+        let desired = self.slots.iter().filter(|s| !s.removed).count();
+        self.metrics.workers_desired.set(desired as i64);
+    }
+
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Ready { id, generation } => {
                 if self.slots[id].generation == generation && self.slots[id].pid.is_some() {
                     self.slots[id].ready = true;
-                    self.update_readiness();
                 }
             }
             Event::Stop { id, generation } => {
-                if self.slots[id].generation == generation && self.flag.request(StopSource::Worker) {
+                if self.slots[id].generation == generation && self.flag.request(StopSource::Worker)
+                {
                     tracing::info!(worker = id, "worker asked to stop the service: draining");
                 }
             }
         }
     }
 
+    /// `/readyz` is 200 when every slot serves: its process is up, or, while
+    /// it is being replaced, the process it replaces still serves.
     fn update_readiness(&self) {
-        let up = self.slots.iter().all(|s| s.pid.is_some() && s.ready);
+        let up = self
+            .slots
+            .iter()
+            .filter(|s| !s.removed)
+            .all(|s| (s.pid.is_some() && s.ready) || s.outgoing.is_some());
         self.workers_up.store(up, Ordering::Release);
     }
 
@@ -403,19 +514,37 @@ impl Pool {
                 Ok(s) => s,
             };
             let (pid, how, failed) = match status {
-                WaitStatus::Exited(pid, code) => (pid.as_raw(), format!("exit code {code}"), code != 0),
+                WaitStatus::Exited(pid, code) => {
+                    (pid.as_raw(), format!("exit code {code}"), code != 0)
+                }
                 WaitStatus::Signaled(pid, sig, _) => (pid.as_raw(), format!("signal {sig}"), true),
                 _ => continue,
             };
-            let Some(id) = self.by_pid.remove(&pid) else {
-                tracing::debug!(pid, "reaped {how} of an orphaned descendant");
-                continue;
+            let id = match self.pids.remove(&pid) {
+                None => {
+                    tracing::debug!(pid, "reaped {how} of an orphaned descendant");
+                    continue;
+                }
+                Some(Role::Leaving { id, .. }) => {
+                    if self.slots[id]
+                        .outgoing
+                        .as_ref()
+                        .is_some_and(|o| o.pid == pid)
+                    {
+                        self.slots[id].outgoing = None;
+                    }
+                    self.count_running();
+                    tracing::info!(worker = id, pid, "replaced worker exited ({how})");
+                    continue;
+                }
+                Some(Role::Active(id)) => id,
             };
-            self.metrics.workers_running.set(self.by_pid.len() as i64);
+            self.count_running();
             let slot = &mut self.slots[id];
             slot.pid = None;
             slot.ready = false;
             slot.ctl = None;
+            slot.last_failed = failed;
             if draining {
                 tracing::info!(worker = id, pid, "worker exited ({how})");
                 continue;
@@ -425,12 +554,16 @@ impl Pool {
                 Restart::OnFailure => failed,
                 Restart::Never => false,
             };
-            tracing::warn!(worker = id, pid, restart, "worker exited on its own ({how})");
+            tracing::warn!(
+                worker = id,
+                pid,
+                restart,
+                "worker exited on its own ({how})"
+            );
             if restart {
                 self.schedule_restart(id, true);
             }
         }
-        self.update_readiness();
     }
 
     /// Plans the next start of worker `id` with capped exponential backoff;
@@ -458,27 +591,191 @@ impl Pool {
         }
     }
 
-    fn tell(&mut self, id: usize, msg: &[u8]) {
-        if let Some(w) = &self.slots[id].ctl {
-            let _ = w.try_write(msg);
+    /// Starts a rolling restart of every worker (SIGHUP, changed contexts).
+    fn rolling_restart(&mut self, why: &str) {
+        let queue = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].removed)
+            .collect();
+        tracing::info!("{why}: rolling restart, one worker at a time");
+        let current = self.roll.take().and_then(|r| r.current);
+        self.roll = Some(Roll { queue, current });
+    }
+
+    /// Moves the rolling restart on: the next slot is replaced only once the
+    /// previous replacement is up.
+    fn advance_roll(&mut self) {
+        loop {
+            let Some(roll) = &mut self.roll else { return };
+            if let Some(id) = roll.current {
+                let s = &self.slots[id];
+                if !(s.pid.is_some() && s.ready) {
+                    return; // Its replacement is not up yet.
+                }
+                roll.current = None;
+                self.retire_outgoing(id);
+                continue;
+            }
+            let Some(id) = roll.queue.pop_front() else {
+                tracing::info!("rolling restart done");
+                self.roll = None;
+                return;
+            };
+            if self.slots[id].removed {
+                continue;
+            }
+            if let Some(pid) = self.slots[id].pid.take() {
+                // Keep the old process serving until the new one is up.
+                let ctl = self.slots[id].ctl.take();
+                self.slots[id].ready = false;
+                self.slots[id].outgoing = Some(Outgoing { pid, ctl });
+                self.pids.insert(pid, Role::Leaving { id, deadline: None });
+            }
+            self.slots[id].restart_at = None;
+            self.slots[id].failures = 0;
+            if let Err(e) = self.start(id) {
+                tracing::error!(worker = id, error = %e, "cannot start replacement worker");
+                self.schedule_restart(id, false);
+            }
+            if let Some(r) = &mut self.roll {
+                r.current = Some(id);
+            }
+        }
+    }
+
+    /// Asks a replaced process to finish and leave; it is killed after
+    /// `--graceful-timeout`.
+    fn retire_outgoing(&mut self, id: usize) {
+        if let Some(o) = &self.slots[id].outgoing {
+            let pid = o.pid;
+            self.leave(pid, o.ctl.as_ref());
+            self.mark_leaving(id, pid);
+        }
+    }
+
+    /// Sends one process the "stop accepting" it would get in a drain, and
+    /// marks it as leaving.
+    fn leave(&self, pid: i32, ctl: Option<&OwnedWriteHalf>) {
+        match &self.plan.app {
+            AppKind::Builtin => {
+                if let Some(w) = ctl {
+                    let _ = w.try_write(worker::MSG_STOP_ACCEPTING);
+                }
+            }
+            AppKind::Command { .. } => {
+                crate::sys::kill(pid, self.plan.args.stop_signal.signo);
+            }
+        }
+    }
+
+    fn mark_leaving(&mut self, id: usize, pid: i32) {
+        let deadline = Instant::now() + self.plan.args.graceful_timeout;
+        self.pids.insert(
+            pid,
+            Role::Leaving {
+                id,
+                deadline: Some(deadline),
+            },
+        );
+    }
+
+    /// SIGTTIN: one more worker (gunicorn's convention).
+    fn add_worker(&mut self) {
+        if matches!(self.plan_contexts_kind(), ContextsKind::PerWorker) {
+            tracing::warn!(
+                "SIGTTIN ignored: the contexts give one item per worker, so they fix the count"
+            );
+            return;
+        }
+        if let Some(id) = self.slots.iter().position(|s| s.removed) {
+            self.slots[id].removed = false;
+            self.slots[id].restart_at = Some(Instant::now());
+            tracing::info!(worker = id, "SIGTTIN: adding a worker");
+        } else {
+            let context = self.slots[0].context.clone();
+            self.slots.push(Slot::new(context, Instant::now()));
+            tracing::info!(worker = self.slots.len() - 1, "SIGTTIN: adding a worker");
+        }
+        self.count_running();
+    }
+
+    /// SIGTTOU: one worker fewer (never below one).
+    fn remove_worker(&mut self) {
+        let active: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].removed)
+            .collect();
+        if active.len() <= 1 {
+            tracing::warn!("SIGTTOU ignored: one worker is the minimum");
+            return;
+        }
+        if matches!(self.plan_contexts_kind(), ContextsKind::PerWorker) {
+            tracing::warn!(
+                "SIGTTOU ignored: the contexts give one item per worker, so they fix the count"
+            );
+            return;
+        }
+        let id = *active.last().expect("at least two");
+        let slot = &mut self.slots[id];
+        slot.removed = true;
+        slot.restart_at = None;
+        slot.ready = false;
+        if let Some(pid) = slot.pid.take() {
+            let ctl = slot.ctl.take();
+            self.leave(pid, ctl.as_ref());
+            self.mark_leaving(id, pid);
+            self.slots[id].outgoing = Some(Outgoing { pid, ctl });
+        }
+        tracing::info!(worker = id, "SIGTTOU: removing a worker");
+        self.count_running();
+    }
+
+    fn plan_contexts_kind(&self) -> ContextsKind {
+        if self.plan.contexts_per_worker() {
+            ContextsKind::PerWorker
+        } else {
+            ContextsKind::Shared
+        }
+    }
+
+    /// SIGKILL to leaving processes that outlived `--graceful-timeout`.
+    fn kill_overdue(&mut self) {
+        let now = Instant::now();
+        for (&pid, role) in &self.pids {
+            if let Role::Leaving {
+                id,
+                deadline: Some(deadline),
+            } = role
+            {
+                if *deadline <= now {
+                    tracing::warn!(
+                        worker = id,
+                        pid,
+                        "replaced worker outlived --graceful-timeout: SIGKILL"
+                    );
+                    crate::sys::kill_group(pid, libc::SIGKILL);
+                    crate::sys::kill(pid, libc::SIGKILL);
+                }
+            }
         }
     }
 
     fn alive(&self) -> usize {
-        self.by_pid.len()
+        self.pids.len()
     }
 
     async fn drain(&mut self, source: StopSource) -> Result<u8> {
         let args = self.plan.args.clone();
         tracing::info!(source = source.as_str(), "stop requested: draining");
         self.workers_up.store(false, Ordering::Release);
+        self.roll = None;
         for s in &mut self.slots {
             s.restart_at = None;
         }
         let builtin = matches!(self.plan.app, AppKind::Builtin);
         if builtin {
-            for id in 0..self.slots.len() {
-                self.tell(id, worker::MSG_DRAINING);
+            for s in &self.slots {
+                if let Some(w) = &s.ctl {
+                    let _ = w.try_write(worker::MSG_DRAINING);
+                }
             }
         }
 
@@ -491,19 +788,25 @@ impl Pool {
             }
         }
 
-        // 3. Stop accepting.
+        // 3. Stop accepting: every process still serving, replaced or not.
         if let Some(l) = self.listener.take() {
             if let Err(e) = l.stop_new() {
                 tracing::warn!(error = %e, "listen(0) on the shared socket failed");
             }
         }
         tracing::info!("no longer accepting; finishing in-flight requests");
-        for id in 0..self.slots.len() {
-            let Some(pid) = self.slots[id].pid else { continue };
-            if builtin {
-                self.tell(id, worker::MSG_STOP_ACCEPTING);
-            } else {
-                crate::sys::kill(pid, args.stop_signal.signo);
+        for s in &self.slots {
+            if let Some(pid) = s.pid {
+                self.leave(pid, s.ctl.as_ref());
+            }
+            if let Some(o) = &s.outgoing {
+                // Still serving while its successor started: tell it too.
+                if matches!(
+                    self.pids.get(&o.pid),
+                    Some(Role::Leaving { deadline: None, .. })
+                ) {
+                    self.leave(o.pid, o.ctl.as_ref());
+                }
             }
         }
 
@@ -517,7 +820,7 @@ impl Pool {
         }
         let killed = self.alive() > 0;
         if killed {
-            let pids: Vec<i32> = self.by_pid.keys().copied().collect();
+            let pids: Vec<i32> = self.pids.keys().copied().collect();
             tracing::warn!(
                 ?pids,
                 timeout = ?args.graceful_timeout,
@@ -542,6 +845,29 @@ impl Pool {
         } else {
             tracing::info!("drained cleanly");
             Ok(exit::OK)
+        }
+    }
+}
+
+enum ContextsKind {
+    PerWorker,
+    Shared,
+}
+
+impl Slot {
+    fn new(context: serde_json::Value, now: Instant) -> Slot {
+        Slot {
+            pid: None,
+            ctl: None,
+            ready: false,
+            started: now,
+            failures: 0,
+            restart_at: Some(now),
+            generation: 0,
+            outgoing: None,
+            context,
+            removed: false,
+            last_failed: false,
         }
     }
 }

@@ -161,7 +161,8 @@ impl Spawn {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both descriptors are fresh and owned by nothing else.
-        let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+        let (err_r, err_w) =
+            unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
 
         let parent = std::process::id() as libc::pid_t;
         let listen_pid_slot: *mut u8 = match self.listen_pid {
@@ -191,9 +192,8 @@ impl Spawn {
         let mut got = 0;
         while got < 4 {
             // SAFETY: reading into our own buffer from our own descriptor.
-            let n = unsafe {
-                libc::read(err_r.as_raw_fd(), errno[got..].as_mut_ptr().cast(), 4 - got)
-            };
+            let n =
+                unsafe { libc::read(err_r.as_raw_fd(), errno[got..].as_mut_ptr().cast(), 4 - got) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -280,18 +280,32 @@ impl Spawn {
         let mut next: RawFd = 3;
         for &k in &keep[..nkeep] {
             if k > next {
-                libc::syscall(libc::SYS_close_range, next as libc::c_uint, (k - 1) as libc::c_uint, 0);
+                libc::syscall(
+                    libc::SYS_close_range,
+                    next as libc::c_uint,
+                    (k - 1) as libc::c_uint,
+                    0,
+                );
             }
             if k + 1 > next {
                 next = k + 1;
             }
         }
-        libc::syscall(libc::SYS_close_range, next as libc::c_uint, libc::c_uint::MAX, 0);
+        libc::syscall(
+            libc::SYS_close_range,
+            next as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        );
 
         if !listen_pid_slot.is_null() {
             write_decimal(listen_pid_slot, libc::getpid() as u64);
         }
-        libc::execve(self.program.as_ptr(), self.argv_ptrs.as_ptr(), self.envp_ptrs.as_ptr());
+        libc::execve(
+            self.program.as_ptr(),
+            self.argv_ptrs.as_ptr(),
+            self.envp_ptrs.as_ptr(),
+        );
         fail(err_w)
     }
 }

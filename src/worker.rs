@@ -63,7 +63,8 @@ pub(crate) fn identity() -> Result<Identity, String> {
     Ok(Identity {
         id: num("DROVER_WORKER_ID")?,
         workers: num("DROVER_WORKERS")?,
-        context: serde_json::from_str(&context).map_err(|e| format!("DROVER_WORKER_CONTEXT is not JSON: {e}"))?,
+        context: serde_json::from_str(&context)
+            .map_err(|e| format!("DROVER_WORKER_CONTEXT is not JSON: {e}"))?,
     })
 }
 
@@ -76,7 +77,8 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
-    let fds = crate::sys::inherited_fd(LISTEN_FD).and_then(|l| Ok((l, crate::sys::inherited_fd(STOP_FD)?)));
+    let fds = crate::sys::inherited_fd(LISTEN_FD)
+        .and_then(|l| Ok((l, crate::sys::inherited_fd(STOP_FD)?)));
     let (listen_fd, ctl_fd): (OwnedFd, OwnedFd) = match fds {
         Ok(f) => f,
         Err(e) => {
@@ -93,7 +95,10 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
     };
     // One event loop per worker process: N processes use N cores, as with
     // gunicorn's sync workers, and a worker has no threads to lose at fork.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("drover worker {}: cannot start its runtime: {e}", who.id);
@@ -109,7 +114,12 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
     }
 }
 
-async fn run(id: usize, listen_fd: OwnedFd, ctl_fd: OwnedFd, svc: DynService) -> std::io::Result<()> {
+async fn run(
+    id: usize,
+    listen_fd: OwnedFd,
+    ctl_fd: OwnedFd,
+    svc: DynService,
+) -> std::io::Result<()> {
     let ctl = StdUnixStream::from(ctl_fd);
     let writer = ctl.try_clone()?;
     ctl.set_nonblocking(true)?;
@@ -117,10 +127,13 @@ async fn run(id: usize, listen_fd: OwnedFd, ctl_fd: OwnedFd, svc: DynService) ->
     stop::install(Stopper::Worker(writer.try_clone()?));
     let listener = ServeListener::from_fd(listen_fd)?;
 
-    let (accept_tx, accept_rx) = tokio::sync::oneshot::channel::<&'static str>();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
+    // Read the control socket inside the future the accept loop polls first:
+    // when a stop and new connections arrive together, the stop is seen
+    // before the next accept, and the queued connections are then served by
+    // the drain path rather than raced.
+    let stop_accepting = async move {
         let mut byte = [0u8; 1];
         let why = loop {
             tokio::select! {
@@ -134,18 +147,13 @@ async fn run(id: usize, listen_fd: OwnedFd, ctl_fd: OwnedFd, svc: DynService) ->
                 _ = int.recv() => break "SIGINT to this worker",
             }
         };
-        let _ = accept_tx.send(why);
-    });
-
-    let stop_accepting = async move {
-        let why = accept_rx.await.unwrap_or("control task ended");
         tracing::debug!(worker = id, "stop accepting: {why}");
     };
     let ready = || {
         use std::io::Write;
         let _ = (&writer).write_all(MSG_READY);
     };
-    let draining = crate::serve::serve(listener, svc, stop_accepting, ready).await;
+    let draining = crate::serve::serve(listener, svc, stop_accepting, ready, false).await;
     // The supervisor enforces --graceful-timeout with SIGKILL.
     draining.finish(None).await;
     Ok(())
