@@ -157,6 +157,11 @@ impl Listener {
         self.socket.listen(0)
     }
 
+    /// A duplicate of the descriptor (for reading its accept queue).
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.socket.as_fd().try_clone_to_owned()
+    }
+
     /// The descriptor, for handing to workers.
     pub fn raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()

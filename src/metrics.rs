@@ -1,10 +1,117 @@
-//! The pod's Prometheus metrics, rendered by the supervisor for `/metrics`.
-//! The supervisor updates them as workers start, exit and drain; this module
-//! never changes any state of its own accord.
+//! The pod's Prometheus metrics: one scrape of the admin port describes the
+//! whole pod, however many worker processes it runs.
+//!
+//! Two kinds of sources:
+//! - the supervisor's own state (workers, restarts, drain, stop requests,
+//!   backlog), kept in `prometheus` crate metrics it updates as things happen;
+//! - everything measured elsewhere, read at scrape time by [`PodCollector`]:
+//!   HTTP counters that each worker process writes into a shared-memory
+//!   region ([`HttpRecorder`]), the listener's accept queue (`TCP_INFO`), the
+//!   kernel's listen overflows, and each worker's CPU and memory (`/proc`).
+//!
+//! A scrape only reads: it takes no lock a worker's request path takes (the
+//! workers write plain atomics), so it never slows a request. Counters stay
+//! monotonic across worker restarts: a slot's HTTP counters live in the
+//! supervisor's region and outlive its processes, and CPU time of exited
+//! processes is carried over from `wait4`.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use crate::stop::{StopFlag, StopSource};
+use crate::sys::SharedWords;
+
+/// Most workers a pod can have (the shared region has a slot for each).
+pub const MAX_WORKERS: usize = 1024;
+
+/// Upper bounds of `drover_http_request_duration_seconds`, in seconds: from
+/// half a millisecond (a fast in-memory handler) to a minute (the longest
+/// `/sleep`).
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+// Layout of one worker slot in the shared region, in 64-bit words.
+const CODES: usize = 900; // status 100..=999
+const OFF_BUCKETS: usize = CODES;
+const OFF_COUNT: usize = OFF_BUCKETS + DURATION_BUCKETS.len();
+const OFF_SUM_NS: usize = OFF_COUNT + 1;
+/// Two in-flight gauges per slot: the current process and, during a rolling
+/// restart, the one it replaces (lane = start generation % 2), so the gauge of
+/// a process that died mid-request can be reset without touching its twin's.
+const OFF_LANES: usize = OFF_SUM_NS + 1;
+const SLOT_WORDS: usize = OFF_LANES + 2;
+
+/// The shared region's total size in words.
+pub const REGION_WORDS: usize = SLOT_WORDS * MAX_WORKERS;
+
+/// Creates the region the workers of one pod record HTTP metrics into.
+pub fn create_region() -> std::io::Result<Arc<SharedWords>> {
+    SharedWords::create("drover-metrics", REGION_WORDS).map(Arc::new)
+}
+
+/// Maps the region a worker received.
+pub(crate) fn open_region(fd: std::os::fd::OwnedFd) -> std::io::Result<Arc<SharedWords>> {
+    let r = SharedWords::open(fd)?;
+    if r.words().len() < REGION_WORDS {
+        return Err(std::io::Error::other("metrics region is too small"));
+    }
+    Ok(Arc::new(r))
+}
+
+/// Records one worker process's requests into its slot. Cheap: a few relaxed
+/// atomic adds per request, no lock, no allocation.
+#[derive(Clone)]
+pub struct HttpRecorder {
+    region: Arc<SharedWords>,
+    base: usize,
+    lane: usize,
+}
+
+impl HttpRecorder {
+    /// The recorder of worker `id`'s process started with `generation`.
+    pub fn new(region: Arc<SharedWords>, id: usize, generation: u64) -> Option<HttpRecorder> {
+        (id < MAX_WORKERS).then(|| HttpRecorder {
+            region,
+            base: id * SLOT_WORDS,
+            lane: (generation % 2) as usize,
+        })
+    }
+
+    fn word(&self, off: usize) -> &AtomicU64 {
+        &self.region.words()[self.base + off]
+    }
+
+    /// A request started.
+    pub fn start(&self) {
+        self.word(OFF_LANES + self.lane)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request finished with `status` after `elapsed`.
+    pub fn finish(&self, status: u16, elapsed: Duration) {
+        self.word(OFF_LANES + self.lane)
+            .fetch_sub(1, Ordering::Relaxed);
+        let code = usize::from(status.clamp(100, 999)) - 100;
+        self.word(code).fetch_add(1, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        if let Some(b) = DURATION_BUCKETS.iter().position(|&ub| secs <= ub) {
+            self.word(OFF_BUCKETS + b).fetch_add(1, Ordering::Relaxed);
+        }
+        self.word(OFF_COUNT).fetch_add(1, Ordering::Relaxed);
+        self.word(OFF_SUM_NS).fetch_add(
+            elapsed.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
 
 /// The supervisor's metrics.
 #[derive(Clone)]
@@ -23,11 +130,14 @@ pub struct Metrics {
     /// `drover_listen_backlog`.
     pub listen_backlog: IntGauge,
     flag: StopFlag,
+    /// What is read at scrape time.
+    pub pod: Arc<PodCollector>,
 }
 
 impl Metrics {
-    /// Registers every metric.
-    pub fn new(flag: StopFlag) -> Metrics {
+    /// Registers every metric. `http` is the workers' shared region (built-in
+    /// and library apps only).
+    pub fn new(flag: StopFlag, http: Option<Arc<SharedWords>>) -> Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
@@ -43,6 +153,16 @@ impl Metrics {
                 .expect("unique metric");
             c
         };
+        let pod = Arc::new(PodCollector::new(http));
+        registry
+            .register(Box::new(SharedCollector(pod.clone())))
+            .expect("unique metrics");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metrics");
         let m = Metrics {
             workers_desired: gauge(
                 "drover_workers_desired",
@@ -72,6 +192,7 @@ impl Metrics {
             ),
             registry,
             flag,
+            pod,
         };
         for s in StopSource::ALL {
             m.stop_requests.with_label_values(&[s.as_str()]);
@@ -89,8 +210,376 @@ impl Metrics {
             }
         }
         self.draining.set(i64::from(self.flag.is_set()));
-        let mut out = Vec::with_capacity(4096);
+        let mut out = Vec::with_capacity(8192);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Per-slot process bookkeeping for CPU and memory.
+#[derive(Default)]
+struct Procs {
+    /// Live processes (active or leaving) and the slot each belongs to.
+    live: HashMap<i32, usize>,
+    /// CPU seconds of each slot's exited processes.
+    cpu_base: Vec<f64>,
+    /// Highest CPU total reported per slot (keeps the counter monotonic).
+    cpu_shown: Vec<f64>,
+    /// Slots that have ever run a process.
+    slots: usize,
+}
+
+/// Reads, at scrape time, what lives outside the supervisor's registry.
+pub struct PodCollector {
+    http: Option<Arc<SharedWords>>,
+    /// A duplicate of the listening socket for `TCP_INFO`; dropped when
+    /// accepting stops, so that it never keeps the socket open.
+    listener: Mutex<Option<std::os::fd::OwnedFd>>,
+    procs: Mutex<Procs>,
+    descs: Vec<Desc>,
+}
+
+struct SharedCollector(Arc<PodCollector>);
+
+impl Collector for SharedCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.descs.iter().collect()
+    }
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+const FAMILIES: [(&str, &str); 8] = [
+    ("drover_http_requests_total", "HTTP requests answered, by worker and status code."),
+    ("drover_http_request_duration_seconds", "Time to answer HTTP requests, all workers of the pod."),
+    ("drover_http_requests_in_flight", "HTTP requests being answered now, all workers of the pod."),
+    ("drover_listen_queue_length", "Connections waiting in the listening socket's accept queue now."),
+    ("drover_listen_overflows_total", "Times the kernel dropped a connection because an accept queue was full (TcpExt ListenOverflows of the pod's network namespace)."),
+    ("drover_worker_cpu_seconds_total", "CPU time used by each worker's processes, restarts included."),
+    ("drover_worker_resident_memory_bytes", "Resident memory of each worker's current process."),
+    ("drover_listen_queue_limit", "Accept-queue limit of the listening socket as the kernel enforces it."),
+];
+
+impl PodCollector {
+    fn new(http: Option<Arc<SharedWords>>) -> PodCollector {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help)| {
+                Desc::new(name.to_string(), help.to_string(), vec![], HashMap::new())
+                    .expect("valid desc")
+            })
+            .collect();
+        PodCollector {
+            http,
+            listener: Mutex::new(None),
+            procs: Mutex::new(Procs::default()),
+            descs,
+        }
+    }
+
+    /// Watches the accept queue of `fd` (a duplicate the collector owns).
+    pub fn watch_listener(&self, fd: std::os::fd::OwnedFd) {
+        *self.listener.lock().expect("not poisoned") = Some(fd);
+    }
+
+    /// Stops watching the listener (accepting stops: the duplicate must go).
+    pub fn forget_listener(&self) {
+        *self.listener.lock().expect("not poisoned") = None;
+    }
+
+    /// A process of worker `slot` started.
+    pub fn process_started(&self, slot: usize, pid: i32) {
+        let mut p = self.procs.lock().expect("not poisoned");
+        p.live.insert(pid, slot);
+        p.slots = p.slots.max(slot + 1);
+        let slots = p.slots;
+        if p.cpu_base.len() < slots {
+            p.cpu_base.resize(slots, 0.0);
+            p.cpu_shown.resize(slots, 0.0);
+        }
+    }
+
+    /// A process exited after using `cpu_seconds`; `lane` is its in-flight
+    /// lane, reset in case it died mid-request.
+    pub fn process_exited(&self, pid: i32, cpu_seconds: f64, lane: Option<u64>) {
+        let mut p = self.procs.lock().expect("not poisoned");
+        if let Some(slot) = p.live.remove(&pid) {
+            p.cpu_base[slot] += cpu_seconds;
+            if let (Some(http), Some(g)) = (&self.http, lane) {
+                if slot < MAX_WORKERS {
+                    http.words()[slot * SLOT_WORDS + OFF_LANES + (g % 2) as usize]
+                        .store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// The in-process app records into slot 0 like a worker would.
+    pub fn region(&self) -> Option<Arc<SharedWords>> {
+        self.http.clone()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut out = Vec::with_capacity(FAMILIES.len());
+        let (slots, cpu, rss) = self.worker_usage();
+        if let Some(http) = &self.http {
+            out.extend(http_families(http.words(), slots.max(1)));
+        }
+        if let Some(fd) = self.listener.lock().expect("not poisoned").as_ref() {
+            use std::os::fd::AsRawFd;
+            if let Some((queued, limit)) = crate::sys::listen_queue(fd.as_raw_fd()) {
+                out.push(gauge_family(FAMILIES[3], vec![(vec![], f64::from(queued))]));
+                out.push(gauge_family(FAMILIES[7], vec![(vec![], f64::from(limit))]));
+            }
+        }
+        if let Some(n) = listen_overflows() {
+            out.push(family(
+                FAMILIES[4],
+                MetricType::COUNTER,
+                vec![(vec![], n as f64)],
+            ));
+        }
+        if !cpu.is_empty() {
+            out.push(family(FAMILIES[5], MetricType::COUNTER, cpu));
+            out.push(gauge_family(FAMILIES[6], rss));
+        }
+        out
+    }
+
+    /// (slots, cpu per worker, rss per worker).
+    #[allow(clippy::type_complexity)]
+    fn worker_usage(
+        &self,
+    ) -> (
+        usize,
+        Vec<(Vec<(&'static str, String)>, f64)>,
+        Vec<(Vec<(&'static str, String)>, f64)>,
+    ) {
+        let mut p = self.procs.lock().expect("not poisoned");
+        let slots = p.slots;
+        let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as f64;
+        let mut cpu = p.cpu_base.clone();
+        let mut rss = vec![0.0; slots];
+        for (&pid, &slot) in &p.live {
+            if let Some((ticks, pages)) = proc_usage(pid) {
+                cpu[slot] += ticks / tick;
+                rss[slot] += pages * page;
+            }
+        }
+        for (shown, now) in p.cpu_shown.iter_mut().zip(cpu.iter_mut()) {
+            *now = now.max(*shown);
+            *shown = *now;
+        }
+        let label = |i: usize| vec![("worker", i.to_string())];
+        (
+            slots,
+            cpu.into_iter()
+                .enumerate()
+                .map(|(i, v)| (label(i), v))
+                .collect(),
+            rss.into_iter()
+                .enumerate()
+                .map(|(i, v)| (label(i), v))
+                .collect(),
+        )
+    }
+}
+
+/// (utime+stime+cutime+cstime in ticks, resident pages) of a live process.
+fn proc_usage(pid: i32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state): utime is field 14, so index 11.
+    let ticks: f64 = f
+        .get(11..15)?
+        .iter()
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some((ticks, pages))
+}
+
+/// TcpExt ListenOverflows of this network namespace.
+fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
+fn http_families(words: &[AtomicU64], slots: usize) -> Vec<MetricFamily> {
+    let slots = slots.min(MAX_WORKERS);
+    let mut requests = Vec::new();
+    let mut buckets = [0u64; DURATION_BUCKETS.len()];
+    let (mut count, mut sum_ns, mut in_flight) = (0u64, 0u64, 0i64);
+    for slot in 0..slots {
+        let w = &words[slot * SLOT_WORDS..(slot + 1) * SLOT_WORDS];
+        for (code, c) in w[..CODES].iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            if n > 0 {
+                requests.push((
+                    vec![
+                        ("code", (code + 100).to_string()),
+                        ("worker", slot.to_string()),
+                    ],
+                    n as f64,
+                ));
+            }
+        }
+        for (b, c) in buckets.iter_mut().zip(&w[OFF_BUCKETS..OFF_COUNT]) {
+            *b += c.load(Ordering::Relaxed);
+        }
+        count += w[OFF_COUNT].load(Ordering::Relaxed);
+        sum_ns += w[OFF_SUM_NS].load(Ordering::Relaxed);
+        in_flight += w[OFF_LANES].load(Ordering::Relaxed) as i64
+            + w[OFF_LANES + 1].load(Ordering::Relaxed) as i64;
+    }
+    let mut h = proto::Histogram::default();
+    let mut cumulative = 0;
+    let mut hb = Vec::with_capacity(DURATION_BUCKETS.len());
+    for (ub, n) in DURATION_BUCKETS.iter().zip(buckets) {
+        cumulative += n;
+        let mut b = proto::Bucket::default();
+        b.set_upper_bound(*ub);
+        b.set_cumulative_count(cumulative);
+        hb.push(b);
+    }
+    // Requests are counted before their bucket; keep +Inf >= every bucket.
+    h.set_sample_count(count.max(cumulative));
+    h.set_sample_sum(sum_ns as f64 / 1e9);
+    h.set_bucket(hb);
+    let mut m = proto::Metric::default();
+    m.set_histogram(h);
+    let mut hist = MetricFamily::default();
+    hist.set_name(FAMILIES[1].0.into());
+    hist.set_help(FAMILIES[1].1.into());
+    hist.set_field_type(MetricType::HISTOGRAM);
+    hist.set_metric(vec![m]);
+    vec![
+        family(FAMILIES[0], MetricType::COUNTER, requests),
+        hist,
+        gauge_family(FAMILIES[2], vec![(vec![], in_flight.max(0) as f64)]),
+    ]
+}
+
+fn gauge_family(f: (&str, &str), samples: Vec<(Vec<(&'static str, String)>, f64)>) -> MetricFamily {
+    family(f, MetricType::GAUGE, samples)
+}
+
+fn family(
+    f: (&str, &str),
+    kind: MetricType,
+    samples: Vec<(Vec<(&'static str, String)>, f64)>,
+) -> MetricFamily {
+    let mut fam = MetricFamily::default();
+    fam.set_name(f.0.into());
+    fam.set_help(f.1.into());
+    fam.set_field_type(kind);
+    let metrics = samples
+        .into_iter()
+        .map(|(labels, v)| {
+            let mut m = proto::Metric::default();
+            m.set_label(
+                labels
+                    .into_iter()
+                    .map(|(k, val)| {
+                        let mut l = proto::LabelPair::default();
+                        l.set_name(k.into());
+                        l.set_value(val);
+                        l
+                    })
+                    .collect(),
+            );
+            match kind {
+                MetricType::COUNTER => {
+                    let mut c = proto::Counter::default();
+                    c.set_value(v);
+                    m.set_counter(c);
+                }
+                _ => {
+                    let mut g = proto::Gauge::default();
+                    g.set_value(v);
+                    m.set_gauge(g);
+                }
+            }
+            m
+        })
+        .collect();
+    fam.set_metric(metrics);
+    fam
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_requests_render_per_worker_and_pod_wide() {
+        let region = create_region().unwrap();
+        let a = HttpRecorder::new(region.clone(), 0, 1).unwrap();
+        let b = HttpRecorder::new(region.clone(), 1, 1).unwrap();
+        for _ in 0..3 {
+            a.start();
+            a.finish(200, Duration::from_micros(300));
+        }
+        b.start();
+        b.finish(404, Duration::from_millis(30));
+        b.start(); // still in flight
+        let pod = PodCollector::new(Some(region));
+        pod.process_started(0, 1);
+        pod.process_started(1, 2);
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&pod.collect(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("drover_http_requests_total{code=\"200\",worker=\"0\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drover_http_requests_total{code=\"404\",worker=\"1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drover_http_request_duration_seconds_bucket{le=\"0.0005\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drover_http_request_duration_seconds_bucket{le=\"0.05\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drover_http_request_duration_seconds_count 4"),
+            "{text}"
+        );
+        assert!(text.contains("drover_http_requests_in_flight 1"), "{text}");
+        // The process of worker 1 dies mid-request: its in-flight lane resets.
+        pod.process_exited(2, 0.5, Some(1));
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&pod.collect(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("drover_http_requests_in_flight 0"), "{text}");
+        assert!(
+            text.contains("drover_worker_cpu_seconds_total{worker=\"1\"} 0.5"),
+            "{text}"
+        );
     }
 }

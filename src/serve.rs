@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION};
@@ -33,6 +33,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::app::DynService;
 use crate::listener::{ServeListener, Stream};
+use crate::metrics::HttpRecorder;
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,11 +54,12 @@ const IDLE_GRACE: Duration = Duration::from_millis(100);
 pub async fn serve(
     listener: ServeListener,
     svc: DynService,
+    recorder: Option<HttpRecorder>,
     stop_accepting: impl Future<Output = ()>,
     on_accepting: impl FnOnce(),
     sole_owner: bool,
 ) -> Draining {
-    let server = Server::new(svc);
+    let server = Server::new(svc, recorder);
     tokio::pin!(stop_accepting);
     on_accepting();
     loop {
@@ -108,11 +110,12 @@ struct Shared {
 struct Server {
     builder: http1::Builder,
     svc: DynService,
+    recorder: Option<HttpRecorder>,
     shared: Arc<Shared>,
 }
 
 impl Server {
-    fn new(svc: DynService) -> Server {
+    fn new(svc: DynService, recorder: Option<HttpRecorder>) -> Server {
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -121,6 +124,7 @@ impl Server {
         Server {
             builder,
             svc,
+            recorder,
             shared: Arc::new(Shared {
                 draining: watch::Sender::new(false),
                 open: AtomicUsize::new(0),
@@ -137,6 +141,7 @@ impl Server {
         };
         let svc = ConnService {
             inner: self.svc.clone(),
+            recorder: self.recorder.clone(),
             state: conn_state.clone(),
             draining: self.shared.draining.subscribe(),
         };
@@ -243,6 +248,7 @@ impl AsyncWrite for Tracked {
 /// and, once draining, asks hyper to close the connection after the response.
 struct ConnService {
     inner: DynService,
+    recorder: Option<HttpRecorder>,
     state: Arc<ConnState>,
     draining: watch::Receiver<bool>,
 }
@@ -254,13 +260,23 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let started = Instant::now();
+        if let Some(r) = &self.recorder {
+            r.start();
+        }
         let fut = self.inner.call(req);
         let state = self.state.clone();
         let draining = self.draining.clone();
+        let recorder = self.recorder.clone();
         Box::pin(async move {
             let result = fut.await;
             state.in_flight.fetch_sub(1, Ordering::AcqRel);
             state.active.store(true, Ordering::Release);
+            if let Some(r) = &recorder {
+                // A service error becomes a 500 from hyper's point of view.
+                let code = result.as_ref().map_or(500, |r| r.status().as_u16());
+                r.finish(code, started.elapsed());
+            }
             let mut resp = result?;
             if *draining.borrow() {
                 resp.headers_mut()

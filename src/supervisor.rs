@@ -74,7 +74,19 @@ pub fn run(plan: Plan, factory: &Factory<'_>) -> Result<u8> {
 
 async fn supervise(plan: Plan, listener: Listener, factory: &Factory<'_>) -> Result<u8> {
     let flag = StopFlag::new();
-    let metrics = Metrics::new(flag.clone());
+    // The built-in and library apps record HTTP metrics into a region every
+    // worker maps; an external command has no such metrics.
+    let region = match plan.app {
+        AppKind::Builtin => Some(
+            crate::metrics::create_region()
+                .map_err(|e| Error::io("cannot create the metrics region", e))?,
+        ),
+        AppKind::Command { .. } => None,
+    };
+    let metrics = Metrics::new(flag.clone(), region);
+    if let Ok(dup) = listener.try_clone_fd() {
+        metrics.pod.watch_listener(dup);
+    }
     metrics.workers_desired.set(plan.workers() as i64);
     metrics
         .listen_backlog
@@ -158,18 +170,25 @@ async fn in_process(
     let args = plan.args.clone();
     let stop_accepting = {
         let flag = flag.clone();
+        let pod = metrics.pod.clone();
         async move {
             let source = flag.wait().await;
             tracing::info!(source = source.as_str(), "stop requested: draining");
             tokio::time::sleep(args.drain_delay).await;
+            pod.forget_listener();
             tracing::info!("no longer accepting; finishing in-flight requests");
         }
     };
+    let recorder = metrics
+        .pod
+        .region()
+        .and_then(|r| crate::metrics::HttpRecorder::new(r, 0, 0));
+    metrics.pod.process_started(0, std::process::id() as i32);
     let up = || {
         metrics.workers_running.set(1);
         workers_up.store(true, Ordering::Release);
     };
-    let draining = crate::serve::serve(serving, svc, stop_accepting, up, true).await;
+    let draining = crate::serve::serve(serving, svc, recorder, stop_accepting, up, true).await;
     let clean = draining.finish(Some(plan.args.graceful_timeout)).await;
     metrics.workers_running.set(0);
     if clean {
@@ -229,12 +248,13 @@ enum Event {
 /// What a pid the supervisor started is.
 #[derive(Clone, Copy)]
 enum Role {
-    /// The current process of slot `id`.
-    Active(usize),
+    /// The current process of slot `id`, started as `generation`.
+    Active(usize, u64),
     /// Replaced or removed. While its successor starts it still serves
     /// (`deadline` None); once told to leave, `deadline` is when it gets SIGKILL.
     Leaving {
         id: usize,
+        generation: u64,
         deadline: Option<Instant>,
     },
 }
@@ -264,6 +284,8 @@ struct Pool {
     /// The environment every worker inherits (ours, minus what drover sets).
     base_env: Vec<(Vec<u8>, Vec<u8>)>,
     roll: Option<Roll>,
+    /// The shared HTTP metrics region (built-in and library apps).
+    region: Option<Arc<crate::sys::SharedWords>>,
 }
 
 impl Pool {
@@ -276,6 +298,7 @@ impl Pool {
         sigchld: Signal,
     ) -> Pool {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let metrics_region = metrics.pod.region();
         let ours = |k: &OsStr| {
             let k = k.as_bytes();
             k.starts_with(b"LISTEN_")
@@ -310,6 +333,7 @@ impl Pool {
             events_rx,
             base_env,
             roll: None,
+            region: metrics_region,
         }
     }
 
@@ -373,7 +397,7 @@ impl Pool {
     fn leaving_deadlines(&self) -> impl Iterator<Item = Instant> + '_ {
         self.pids.values().filter_map(|r| match r {
             Role::Leaving { deadline, .. } => *deadline,
-            Role::Active(_) => None,
+            Role::Active(..) => None,
         })
     }
 
@@ -423,11 +447,19 @@ impl Pool {
             }
             AppKind::Command { program, argv } => (program.clone().into(), argv.clone()),
         };
-        let args: Vec<&OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
-        let fds = [
+        let generation = self.slots[id].generation + 1;
+        let mut fds = vec![
             (listener.raw_fd(), worker::LISTEN_FD),
             (theirs.as_raw_fd(), worker::STOP_FD),
         ];
+        if let Some(region) = &self.region {
+            fds.push((region.raw_fd(), worker::METRICS_FD));
+            env.push((
+                worker::GENERATION_ENV.into(),
+                generation.to_string().into_bytes(),
+            ));
+        }
+        let args: Vec<&OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
         let pid = crate::sys::Spawn::new(&program, &args, &env, &fds)?.spawn()?;
         drop(theirs);
 
@@ -435,14 +467,14 @@ impl Pool {
         let (mut read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
         let builtin = matches!(self.plan.app, AppKind::Builtin);
         let slot = &mut self.slots[id];
-        slot.generation += 1;
+        slot.generation = generation;
         slot.pid = Some(pid);
         slot.ctl = Some(write);
         slot.started = Instant::now();
         // An external command counts as up once it runs.
         slot.ready = !builtin;
-        let generation = slot.generation;
-        self.pids.insert(pid, Role::Active(id));
+        self.pids.insert(pid, Role::Active(id, generation));
+        self.metrics.pod.process_started(id, pid);
         self.count_running();
         tracing::info!(worker = id, pid, "worker started");
 
@@ -507,19 +539,19 @@ impl Pool {
     /// Reaps every exited child: workers (restarted unless `draining`) and
     /// orphans of workers that were reparented to drover.
     fn reap(&mut self, draining: bool) {
-        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-        loop {
-            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(s) => s,
+        while let Some(exited) = crate::sys::reap_one() {
+            let pid = exited.pid;
+            let (how, failed) = match (exited.code, exited.signal) {
+                (Some(code), _) => (format!("exit code {code}"), code != 0),
+                (None, sig) => (format!("signal {}", sig.unwrap_or(0)), true),
             };
-            let (pid, how, failed) = match status {
-                WaitStatus::Exited(pid, code) => {
-                    (pid.as_raw(), format!("exit code {code}"), code != 0)
-                }
-                WaitStatus::Signaled(pid, sig, _) => (pid.as_raw(), format!("signal {sig}"), true),
-                _ => continue,
+            let lane = match self.pids.get(&pid) {
+                Some(Role::Active(_, g)) | Some(Role::Leaving { generation: g, .. }) => Some(*g),
+                None => None,
             };
+            self.metrics
+                .pod
+                .process_exited(pid, exited.cpu_seconds, lane);
             let id = match self.pids.remove(&pid) {
                 None => {
                     tracing::debug!(pid, "reaped {how} of an orphaned descendant");
@@ -537,7 +569,7 @@ impl Pool {
                     tracing::info!(worker = id, pid, "replaced worker exited ({how})");
                     continue;
                 }
-                Some(Role::Active(id)) => id,
+                Some(Role::Active(id, _)) => id,
             };
             self.count_running();
             let slot = &mut self.slots[id];
@@ -628,7 +660,15 @@ impl Pool {
                 let ctl = self.slots[id].ctl.take();
                 self.slots[id].ready = false;
                 self.slots[id].outgoing = Some(Outgoing { pid, ctl });
-                self.pids.insert(pid, Role::Leaving { id, deadline: None });
+                let generation = self.slots[id].generation;
+                self.pids.insert(
+                    pid,
+                    Role::Leaving {
+                        id,
+                        generation,
+                        deadline: None,
+                    },
+                );
             }
             self.slots[id].restart_at = None;
             self.slots[id].failures = 0;
@@ -669,10 +709,15 @@ impl Pool {
 
     fn mark_leaving(&mut self, id: usize, pid: i32) {
         let deadline = Instant::now() + self.plan.args.graceful_timeout;
+        let generation = match self.pids.get(&pid) {
+            Some(Role::Active(_, g)) | Some(Role::Leaving { generation: g, .. }) => *g,
+            None => 0,
+        };
         self.pids.insert(
             pid,
             Role::Leaving {
                 id,
+                generation,
                 deadline: Some(deadline),
             },
         );
@@ -743,6 +788,7 @@ impl Pool {
             if let Role::Leaving {
                 id,
                 deadline: Some(deadline),
+                ..
             } = role
             {
                 if *deadline <= now {
@@ -789,6 +835,7 @@ impl Pool {
         }
 
         // 3. Stop accepting: every process still serving, replaced or not.
+        self.metrics.pod.forget_listener();
         if let Some(l) = self.listener.take() {
             if let Err(e) = l.stop_new() {
                 tracing::warn!(error = %e, "listen(0) on the shared socket failed");

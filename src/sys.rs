@@ -359,6 +359,165 @@ pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A shared-memory region made of 64-bit atomic words, backed by a memfd so
+/// that it survives `execve` (an anonymous `MAP_SHARED` mapping would not):
+/// the supervisor creates it and hands the fd to each worker, which maps the
+/// same pages. All access goes through `AtomicU64`, so processes never race.
+pub struct SharedWords {
+    ptr: *mut std::sync::atomic::AtomicU64,
+    words: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics, which are Sync,
+// and it lives until Drop unmaps it.
+unsafe impl Send for SharedWords {}
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    /// Creates a zeroed region of `words` 64-bit words.
+    pub fn create(name: &str, words: usize) -> io::Result<SharedWords> {
+        let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: memfd_create reads the NUL-terminated name and returns a
+        // new descriptor that we then own.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = high_fd(unsafe { OwnedFd::from_raw_fd(fd) })?;
+        let len = words * 8;
+        // SAFETY: ftruncate on our own descriptor; new pages read as zero.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Self::map(fd, words)
+    }
+
+    /// Maps a region received from the supervisor.
+    pub fn open(fd: OwnedFd) -> io::Result<SharedWords> {
+        // SAFETY: fstat writes into the zeroed struct we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Self::map(fd, st.st_size as usize / 8)
+    }
+
+    fn map(fd: OwnedFd, words: usize) -> io::Result<SharedWords> {
+        if words == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty shared region",
+            ));
+        }
+        // SAFETY: a fresh shared mapping of the whole file; the kernel picks
+        // the address. It is page-aligned, so every 8-byte word is aligned
+        // for AtomicU64.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                words * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedWords {
+            ptr: ptr.cast(),
+            words,
+            fd,
+        })
+    }
+
+    /// The words.
+    pub fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping holds `words` initialised (zero or written)
+        // u64s for as long as self lives; AtomicU64 has u64's layout.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.words) }
+    }
+
+    /// The descriptor, for handing to a worker.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in `map`; no reference
+        // into it outlives self (words() borrows self).
+        unsafe { libc::munmap(self.ptr.cast(), self.words * 8) };
+    }
+}
+
+/// Current accept-queue length and its limit of a listening TCP socket, from
+/// `TCP_INFO` (for a listener the kernel reports the queue in `tcpi_unacked`
+/// and the backlog in `tcpi_sacked`).
+pub fn listen_queue(fd: RawFd) -> Option<(u32, u32)> {
+    // SAFETY: getsockopt writes at most `len` bytes into the struct we own.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // TCP_LISTEN from the kernel's tcp_states.h.
+    const TCP_LISTEN: u8 = 10;
+    (rc == 0 && info.tcpi_state == TCP_LISTEN).then_some((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// An exited child, with the CPU time it and its reaped children used.
+pub struct Exited {
+    /// Its pid.
+    pub pid: libc::pid_t,
+    /// The exit code, or None when a signal ended it.
+    pub code: Option<i32>,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
+    /// User + system CPU seconds.
+    pub cpu_seconds: f64,
+}
+
+/// Reaps one exited child without blocking (`wait4(-1, WNOHANG)`), so its
+/// CPU time can be kept in the per-worker counters.
+pub fn reap_one() -> Option<Exited> {
+    loop {
+        let mut status = 0;
+        // SAFETY: wait4 writes the status and the rusage we own.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut ru) };
+        if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if pid <= 0 {
+            return None;
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let (code, signal) = if libc::WIFEXITED(status) {
+            (Some(libc::WEXITSTATUS(status)), None)
+        } else if libc::WIFSIGNALED(status) {
+            (None, Some(libc::WTERMSIG(status)))
+        } else {
+            continue; // stopped/continued: not an exit
+        };
+        return Some(Exited {
+            pid,
+            code,
+            signal,
+            cpu_seconds: secs(ru.ru_utime) + secs(ru.ru_stime),
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

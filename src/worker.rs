@@ -34,6 +34,10 @@ pub(crate) const ROLE_WORKER: &str = "worker";
 pub(crate) const LISTEN_FD: i32 = 3;
 /// The control socket's descriptor in a worker.
 pub(crate) const STOP_FD: i32 = 4;
+/// The shared metrics region's descriptor (built-in and library workers only).
+pub(crate) const METRICS_FD: i32 = 5;
+/// Environment variable giving the worker's start generation (its metrics lane).
+pub(crate) const GENERATION_ENV: &str = "DROVER_INTERNAL_GENERATION";
 
 pub(crate) const MSG_READY: &[u8] = b"R";
 pub(crate) const MSG_STOP: &[u8] = b"S";
@@ -105,7 +109,16 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
-    match rt.block_on(run(who.id, listen_fd, ctl_fd, svc)) {
+    // Metrics are best effort: a worker without them still serves.
+    let recorder = crate::sys::inherited_fd(METRICS_FD)
+        .and_then(crate::metrics::open_region)
+        .map_err(|e| tracing::warn!(worker = who.id, error = %e, "no shared metrics region"))
+        .ok()
+        .and_then(|region| {
+            let generation = std::env::var(GENERATION_ENV).ok()?.parse().ok()?;
+            crate::metrics::HttpRecorder::new(region, who.id, generation)
+        });
+    match rt.block_on(run(who.id, listen_fd, ctl_fd, svc, recorder)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(worker = who.id, "{e}");
@@ -119,6 +132,7 @@ async fn run(
     listen_fd: OwnedFd,
     ctl_fd: OwnedFd,
     svc: DynService,
+    recorder: Option<crate::metrics::HttpRecorder>,
 ) -> std::io::Result<()> {
     let ctl = StdUnixStream::from(ctl_fd);
     let writer = ctl.try_clone()?;
@@ -153,7 +167,7 @@ async fn run(
         use std::io::Write;
         let _ = (&writer).write_all(MSG_READY);
     };
-    let draining = crate::serve::serve(listener, svc, stop_accepting, ready, false).await;
+    let draining = crate::serve::serve(listener, svc, recorder, stop_accepting, ready, false).await;
     // The supervisor enforces --graceful-timeout with SIGKILL.
     draining.finish(None).await;
     Ok(())
