@@ -256,9 +256,8 @@ fn a_prometheus_server_scrapes_the_whole_pod() {
         get_index(d.app());
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = (None, None);
     loop {
-        last = (
+        let last = (
             prom_query(addr, "drover_workers_running"),
             prom_query(addr, "sum(drover_http_requests_total)"),
         );
