@@ -77,6 +77,9 @@ impl hyper::service::Service<Request<Incoming>> for DynService {
     }
 }
 
+/// Checks that worker `id`'s context fits the app's context type.
+pub(crate) type Validate = dyn Fn(usize, &serde_json::Value) -> Result<(), String> + Send + Sync;
+
 /// A factory that builds one process's service from its [`Worker`].
 pub(crate) type Factory<'a> =
     dyn Fn(usize, usize, serde_json::Value) -> Result<DynService, String> + 'a;

@@ -85,6 +85,9 @@ pub struct RunArgs {
         default_value = "worker-contexts.yaml"
     )]
     pub worker_contexts_key: String,
+    /// How long to retry an unreachable Kubernetes API (or its 5xx) at start.
+    #[arg(long, env = "DROVER_KUBE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub kube_timeout: Duration,
     /// What to do when the watched contexts change.
     #[arg(long, env = "DROVER_ON_CONTEXTS_CHANGE", value_enum, default_value_t = OnContextsChange::Restart)]
     pub on_contexts_change: OnContextsChange,
@@ -119,6 +122,9 @@ pub struct RunArgs {
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
+
+/// Most workers one drover runs.
+pub const MAX_WORKERS: usize = 1024;
 
 /// `--workers`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +179,7 @@ fn parse_workers(s: &str) -> Result<Workers, String> {
     }
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1 (or `auto`)".into()),
-        Ok(n) if n > 1024 => Err("at most 1024 workers".into()),
+        Ok(n) if n > MAX_WORKERS => Err(format!("at most {MAX_WORKERS} workers")),
         Ok(n) => Ok(Workers::Count(n)),
         Err(_) => Err(format!("`{s}` is not a number or `auto`")),
     }

@@ -12,6 +12,18 @@ use serde_json::Value;
 use crate::config::Workers;
 use crate::error::{Error, Result};
 
+/// A value read by a watch of the contexts' source.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// The YAML text, or why none could be read (the watch reports it so it
+    /// is logged and counted as a failed reload).
+    pub text: std::result::Result<String, String>,
+    /// Where it came from, for messages.
+    pub origin: String,
+    /// The source's version: a ConfigMap's `resourceVersion`, a file's hash.
+    pub version: String,
+}
+
 /// Contexts as loaded, before they are matched to a worker count.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Contexts {
@@ -66,6 +78,13 @@ pub fn assign(
         None => None,
     };
     match contexts {
+        Contexts::PerWorker(items) if items.len() > crate::config::MAX_WORKERS => {
+            Err(Error::Contexts(format!(
+                "{origin}: {} worker contexts; at most {} workers are supported",
+                items.len(),
+                crate::config::MAX_WORKERS
+            )))
+        }
         Contexts::PerWorker(items) => {
             if items.is_empty() {
                 return Err(Error::Contexts(format!(

@@ -28,6 +28,8 @@
 //! # Layout
 //! - [`config`]: the command line and its `DROVER_*` environment twins.
 //! - [`contexts`]: worker contexts, the YAML rules and the worker count.
+//! - `configmap`: contexts from a ConfigMap through the Kubernetes API, watched.
+//! - `filewatch`: watching `--worker-contexts-file` (a mounted ConfigMap).
 //! - `plan`: a checked configuration, before anything starts (`drover check`).
 //! - `listener`: the one shared socket, its backlog and the end of accepting.
 //! - `supervisor`: starting, reaping and restarting workers; the drain.
@@ -51,8 +53,10 @@ pub mod builtin;
 pub mod cgroup;
 mod client;
 pub mod config;
+mod configmap;
 pub mod contexts;
 pub mod error;
+mod filewatch;
 mod listener;
 mod logging;
 mod metrics;
@@ -89,8 +93,10 @@ where
     B::Error: Into<BoxError>,
 {
     let erased = app::erase(&factory);
-    let validate =
-        |id: usize, raw: &serde_json::Value| app::typed_context::<C>(id, raw).map(|_: C| ());
+    let validate: std::sync::Arc<app::Validate> =
+        std::sync::Arc::new(|id: usize, raw: &serde_json::Value| {
+            app::typed_context::<C>(id, raw).map(|_: C| ())
+        });
 
     if worker::is_worker() {
         let format = match std::env::var("DROVER_LOG_FORMAT").as_deref() {
@@ -122,14 +128,14 @@ where
         }),
         Some(config::Command::Check(args)) => {
             logging::init(args.log_format, &args.log_level);
-            plan::load(*args, &validate).map(|p| {
+            plan::load(*args, &*validate).map(|p| {
                 print!("{}", plan::describe(&p));
                 exit::OK
             })
         }
         None => {
             logging::init(cli.run.log_format, &cli.run.log_level);
-            plan::load(cli.run, &validate).and_then(|p| supervisor::run(p, &erased))
+            plan::load(cli.run, &*validate).and_then(|p| supervisor::run(p, &erased, validate))
         }
     };
     match result {

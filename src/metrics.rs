@@ -22,13 +22,13 @@ use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::stop::{StopFlag, StopSource};
 use crate::sys::SharedWords;
 
 /// Most workers a pod can have (the shared region has a slot for each).
-pub const MAX_WORKERS: usize = 1024;
+pub const MAX_WORKERS: usize = crate::config::MAX_WORKERS;
 
 /// Upper bounds of `drover_http_request_duration_seconds`, in seconds: from
 /// half a millisecond (a fast in-memory handler) to a minute (the longest
@@ -129,6 +129,10 @@ pub struct Metrics {
     stop_requests: IntCounterVec,
     /// `drover_listen_backlog`.
     pub listen_backlog: IntGauge,
+    /// `drover_contexts_reloads_total{result}`.
+    pub contexts_reloads: IntCounterVec,
+    /// `drover_contexts_info{source,version}`: 1 for the contexts in force.
+    contexts_info: IntGaugeVec,
     flag: StopFlag,
     /// What is read at scrape time.
     pub pod: Arc<PodCollector>,
@@ -190,14 +194,42 @@ impl Metrics {
                 "drover_listen_backlog",
                 "Effective listen(2) backlog of the shared socket (after the somaxconn cap).",
             ),
+            contexts_reloads: counter(
+                "drover_contexts_reloads_total",
+                "Worker contexts changes read from the watched source, by result (success: valid and taken; failure: invalid or unreadable, ignored).",
+                "result",
+            ),
+            contexts_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "drover_contexts_info",
+                        "The worker contexts in force: their source and version (ConfigMap resourceVersion or file content hash).",
+                    ),
+                    &["source", "version"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry,
             flag,
             pod,
         };
+        for r in ["success", "failure"] {
+            m.contexts_reloads.with_label_values(&[r]);
+        }
         for s in StopSource::ALL {
             m.stop_requests.with_label_values(&[s.as_str()]);
         }
         m
+    }
+
+    /// Records the contexts now in force.
+    pub fn set_contexts(&self, source: &str, version: &str) {
+        self.contexts_info.reset();
+        self.contexts_info
+            .with_label_values(&[source, version])
+            .set(1);
     }
 
     /// Renders the text exposition format.

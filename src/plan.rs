@@ -27,6 +27,22 @@ pub enum AppKind {
     },
 }
 
+/// Where the contexts come from, for watching them after start.
+#[derive(Debug, Clone)]
+pub enum ContextsSource {
+    /// No contexts configured: every worker's context is `null`.
+    None,
+    /// `--worker-contexts-file`.
+    File(PathBuf),
+    /// `--worker-contexts-configmap`, resolved.
+    ConfigMap {
+        /// As given.
+        r: crate::configmap::ConfigMapRef,
+        /// The namespace in use.
+        namespace: String,
+    },
+}
+
 /// A checked configuration, ready to bind and start.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -36,6 +52,12 @@ pub struct Plan {
     pub contexts: Vec<Value>,
     /// Where the contexts came from, for logs.
     pub contexts_origin: String,
+    /// Where to watch them.
+    pub contexts_source: ContextsSource,
+    /// The YAML text they were read from (to tell real changes from repeats).
+    pub contexts_text: String,
+    /// The source's version (ConfigMap resourceVersion, file content hash).
+    pub contexts_version: String,
     /// What each worker runs.
     pub app: AppKind,
     /// The admin bearer token.
@@ -63,23 +85,50 @@ impl Plan {
 /// Loads and checks everything; `validate` checks a context against the
 /// library app's context type (built-in and library apps only).
 pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String>) -> Result<Plan> {
-    let (loaded, origin) = match (&args.worker_contexts_file, &args.worker_contexts_configmap) {
-        (Some(path), _) => {
-            let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
-                what: "worker contexts file",
-                path: path.clone(),
-                source,
-            })?;
-            let origin = path.display().to_string();
-            (contexts::parse(&text, &origin)?, origin)
-        }
-        (None, Some(cm)) => {
-            return Err(Error::Config(format!(
-                "--worker-contexts-configmap {cm}: reading contexts through the Kubernetes API is not built yet; mount the ConfigMap and use --worker-contexts-file"
-            )))
-        }
-        (None, None) => (contexts::Contexts::default(), "defaults".to_string()),
-    };
+    let (text, origin, source, version) =
+        match (&args.worker_contexts_file, &args.worker_contexts_configmap) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+                    what: "worker contexts file",
+                    path: path.clone(),
+                    source,
+                })?;
+                let version = crate::filewatch::content_version(&text);
+                (
+                    text,
+                    path.display().to_string(),
+                    ContextsSource::File(path.clone()),
+                    version,
+                )
+            }
+            (None, Some(cm)) => {
+                let r = crate::configmap::parse_ref(cm)?;
+                // A short-lived runtime: the supervisor builds its own client
+                // (a client is tied to the runtime that made it).
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::io("cannot start the runtime", e))?;
+                let (src, fetched) = rt.block_on(async {
+                    let src = crate::configmap::connect(&r, &args.worker_contexts_key).await?;
+                    let fetched = crate::configmap::fetch_at_start(&src, args.kube_timeout).await?;
+                    Ok::<_, Error>((src, fetched))
+                })?;
+                rt.shutdown_timeout(std::time::Duration::from_millis(100));
+                let source = ContextsSource::ConfigMap {
+                    r,
+                    namespace: src.namespace.clone(),
+                };
+                (fetched.text, src.origin(), source, fetched.resource_version)
+            }
+            (None, None) => (
+                String::new(),
+                "defaults".to_string(),
+                ContextsSource::None,
+                String::new(),
+            ),
+        };
+    let loaded = contexts::parse(&text, &origin)?;
     let contexts = contexts::assign(&loaded, args.workers, crate::cgroup::allowed_cpus, &origin)?;
     if args.workers == Some(Workers::Auto) {
         tracing::info!(
@@ -130,6 +179,9 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
         args,
         contexts,
         contexts_origin: origin,
+        contexts_source: source,
+        contexts_text: text,
+        contexts_version: version,
         app,
         token,
     })
@@ -222,7 +274,21 @@ pub fn describe(plan: &Plan) -> String {
         ),
     };
     let _ = writeln!(s, "workers: {} ({mode})", plan.workers());
-    let _ = writeln!(s, "contexts from: {}", plan.contexts_origin);
+    match &plan.contexts_source {
+        ContextsSource::ConfigMap { .. } => {
+            let _ = writeln!(
+                s,
+                "contexts from: {} (resourceVersion {}, watched)",
+                plan.contexts_origin, plan.contexts_version
+            );
+        }
+        ContextsSource::File(_) => {
+            let _ = writeln!(s, "contexts from: {} (watched)", plan.contexts_origin);
+        }
+        ContextsSource::None => {
+            let _ = writeln!(s, "contexts from: none (every worker's context is null)");
+        }
+    }
     for (i, c) in plan.contexts.iter().enumerate() {
         let _ = writeln!(s, "  worker {i}: {c}");
     }

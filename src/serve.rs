@@ -53,7 +53,7 @@ const IDLE_GRACE: Duration = Duration::from_millis(100);
 /// supervisor has already done it.
 pub async fn serve(
     listener: ServeListener,
-    svc: DynService,
+    svc: watch::Receiver<DynService>,
     recorder: Option<HttpRecorder>,
     stop_accepting: impl Future<Output = ()>,
     on_accepting: impl FnOnce(),
@@ -109,13 +109,14 @@ struct Shared {
 
 struct Server {
     builder: http1::Builder,
-    svc: DynService,
+    /// The service new connections get (replaced when contexts change in-process).
+    svc: watch::Receiver<DynService>,
     recorder: Option<HttpRecorder>,
     shared: Arc<Shared>,
 }
 
 impl Server {
-    fn new(svc: DynService, recorder: Option<HttpRecorder>) -> Server {
+    fn new(svc: watch::Receiver<DynService>, recorder: Option<HttpRecorder>) -> Server {
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -140,7 +141,7 @@ impl Server {
             state: conn_state.clone(),
         };
         let svc = ConnService {
-            inner: self.svc.clone(),
+            inner: self.svc.borrow().clone(),
             recorder: self.recorder.clone(),
             state: conn_state.clone(),
             draining: self.shared.draining.subscribe(),

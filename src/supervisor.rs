@@ -36,11 +36,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::admin::{self, AdminState};
-use crate::app::Factory;
+use crate::app::{Factory, Validate};
 use crate::config::Restart;
+use crate::config::{OnContextsChange, Workers};
+use crate::contexts::{self, Update};
 use crate::error::{exit, Error, Result};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
+use crate::plan::ContextsSource;
 use crate::plan::{AppKind, Plan};
 use crate::stop::{self, StopFlag, StopSource, Stopper};
 use crate::worker;
@@ -54,7 +57,7 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 const REAP_AFTER_KILL: Duration = Duration::from_secs(5);
 
 /// Runs a plan to the end; returns the process exit code.
-pub fn run(plan: Plan, factory: &Factory<'_>) -> Result<u8> {
+pub fn run(plan: Plan, factory: &Factory<'_>, validate: Arc<Validate>) -> Result<u8> {
     let listener = match &plan.args.uds {
         Some(path) => Listener::bind_unix(path, plan.args.backlog)?,
         None => Listener::bind_tcp(&plan.args.host, plan.args.port, plan.args.backlog)?,
@@ -69,10 +72,15 @@ pub fn run(plan: Plan, factory: &Factory<'_>) -> Result<u8> {
         .enable_all()
         .build()
         .map_err(|e| Error::io("cannot start the runtime", e))?;
-    rt.block_on(supervise(plan, listener, factory))
+    rt.block_on(supervise(plan, listener, factory, validate))
 }
 
-async fn supervise(plan: Plan, listener: Listener, factory: &Factory<'_>) -> Result<u8> {
+async fn supervise(
+    plan: Plan,
+    listener: Listener,
+    factory: &Factory<'_>,
+    validate: Arc<Validate>,
+) -> Result<u8> {
     let flag = StopFlag::new();
     // The built-in and library apps record HTTP metrics into a region every
     // worker maps; an external command has no such metrics.
@@ -88,6 +96,7 @@ async fn supervise(plan: Plan, listener: Listener, factory: &Factory<'_>) -> Res
         metrics.pod.watch_listener(dup);
     }
     metrics.workers_desired.set(plan.workers() as i64);
+    let watch = ContextsWatch::start(&plan, validate, metrics.clone());
     metrics
         .listen_backlog
         .set(i64::from(listener.effective_backlog));
@@ -142,13 +151,13 @@ async fn supervise(plan: Plan, listener: Listener, factory: &Factory<'_>) -> Res
                 }
             });
         }
-        in_process(plan, listener, factory, flag, metrics, workers_up).await
+        in_process(plan, listener, factory, flag, metrics, workers_up, watch).await
     } else {
         let sigchld = signal(SignalKind::child()).map_err(|e| Error::io("SIGCHLD handler", e))?;
         if let Err(e) = crate::sys::set_child_subreaper() {
             tracing::warn!(error = %e, "cannot become a child subreaper; orphans of workers go to init");
         }
-        let mut pool = Pool::new(plan, listener, flag, metrics, workers_up, sigchld);
+        let mut pool = Pool::new(plan, listener, flag, metrics, workers_up, sigchld, watch);
         pool.run().await
     }
 }
@@ -161,8 +170,10 @@ async fn in_process(
     flag: StopFlag,
     metrics: Metrics,
     workers_up: Arc<AtomicBool>,
+    mut watch: ContextsWatch,
 ) -> Result<u8> {
     let svc = factory(0, 1, plan.contexts[0].clone()).map_err(Error::Contexts)?;
+    let (svc_tx, svc) = tokio::sync::watch::channel(svc);
     stop::install(Stopper::InProcess(flag.clone()));
     let (serving, _uds) = listener
         .into_serving()
@@ -188,7 +199,27 @@ async fn in_process(
         metrics.workers_running.set(1);
         workers_up.store(true, Ordering::Release);
     };
-    let draining = crate::serve::serve(serving, svc, recorder, stop_accepting, up, true).await;
+    let serving = crate::serve::serve(serving, svc, recorder, stop_accepting, up, true);
+    // New contexts: new connections get a service built from them (the
+    // in-process form of a rolling restart); open ones finish on the old.
+    let reload = async {
+        loop {
+            let Some(contexts) = watch.next(true).await else {
+                return std::future::pending::<()>().await;
+            };
+            match factory(0, 1, contexts[0].clone()) {
+                Ok(svc) => {
+                    svc_tx.send_replace(svc);
+                    tracing::info!("new connections are served with the new context");
+                }
+                Err(e) => tracing::error!("{e}; keeping the last good context"),
+            }
+        }
+    };
+    let draining = tokio::select! {
+        d = serving => d,
+        _ = reload => unreachable!("the reload loop never ends"),
+    };
     let clean = draining.finish(Some(plan.args.graceful_timeout)).await;
     metrics.workers_running.set(0);
     if clean {
@@ -286,6 +317,8 @@ struct Pool {
     roll: Option<Roll>,
     /// The shared HTTP metrics region (built-in and library apps).
     region: Option<Arc<crate::sys::SharedWords>>,
+    /// Changes of the contexts' source.
+    watch: ContextsWatch,
 }
 
 impl Pool {
@@ -296,6 +329,7 @@ impl Pool {
         metrics: Metrics,
         workers_up: Arc<AtomicBool>,
         sigchld: Signal,
+        watch: ContextsWatch,
     ) -> Pool {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let metrics_region = metrics.pod.region();
@@ -334,6 +368,7 @@ impl Pool {
             base_env,
             roll: None,
             region: metrics_region,
+            watch,
         }
     }
 
@@ -366,7 +401,8 @@ impl Pool {
                     }
                 }
                 Some(ev) = self.events_rx.recv() => self.on_event(ev),
-                _ = hup.recv() => self.rolling_restart("SIGHUP"),
+                Some(contexts) = self.watch.next(false) => self.apply_contexts(contexts),
+                _ = hup.recv() => self.rolling_restart("SIGHUP", None),
                 _ = ttin.recv() => self.add_worker(),
                 _ = ttou.recv() => self.remove_worker(),
                 _ = sleep_until_opt(next) => self.kill_overdue(),
@@ -623,9 +659,42 @@ impl Pool {
         }
     }
 
-    /// Starts a rolling restart of every worker (SIGHUP, changed contexts).
-    fn rolling_restart(&mut self, why: &str) {
-        let queue = (0..self.slots.len())
+    /// New contexts: slots are added or removed to match their count, and
+    /// the workers whose context changed (all, if the count changed, since
+    /// `DROVER_WORKERS` did) are replaced one at a time.
+    fn apply_contexts(&mut self, contexts: Vec<serde_json::Value>) {
+        let active = self.slots.iter().filter(|s| !s.removed).count();
+        let resized = active != contexts.len();
+        let mut changed = Vec::new();
+        for (i, ctx) in contexts.iter().enumerate() {
+            if i < self.slots.len() {
+                if self.slots[i].removed {
+                    self.slots[i].removed = false;
+                    self.slots[i].restart_at = Some(Instant::now());
+                } else if self.slots[i].context != *ctx || resized {
+                    changed.push(i);
+                }
+                self.slots[i].context = ctx.clone();
+            } else {
+                self.slots.push(Slot::new(ctx.clone(), Instant::now()));
+            }
+        }
+        for id in contexts.len()..self.slots.len() {
+            if !self.slots[id].removed {
+                self.remove_slot(id);
+            }
+        }
+        self.count_running();
+        if !changed.is_empty() {
+            self.rolling_restart("new worker contexts", Some(changed));
+        }
+    }
+
+    /// Starts a rolling restart of `which` workers, or of all (SIGHUP).
+    fn rolling_restart(&mut self, why: &str, which: Option<Vec<usize>>) {
+        let queue = which
+            .unwrap_or_else(|| (0..self.slots.len()).collect())
+            .into_iter()
             .filter(|&i| !self.slots[i].removed)
             .collect();
         tracing::info!("{why}: rolling restart, one worker at a time");
@@ -759,6 +828,13 @@ impl Pool {
             return;
         }
         let id = *active.last().expect("at least two");
+        self.remove_slot(id);
+        tracing::info!(worker = id, "SIGTTOU: removing a worker");
+        self.count_running();
+    }
+
+    /// Takes worker `id` out of the pool; its process leaves gracefully.
+    fn remove_slot(&mut self, id: usize) {
         let slot = &mut self.slots[id];
         slot.removed = true;
         slot.restart_at = None;
@@ -769,12 +845,10 @@ impl Pool {
             self.mark_leaving(id, pid);
             self.slots[id].outgoing = Some(Outgoing { pid, ctl });
         }
-        tracing::info!(worker = id, "SIGTTOU: removing a worker");
-        self.count_running();
     }
 
     fn plan_contexts_kind(&self) -> ContextsKind {
-        if self.plan.contexts_per_worker() {
+        if self.watch.per_worker {
             ContextsKind::PerWorker
         } else {
             ContextsKind::Shared
@@ -923,5 +997,135 @@ async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The contexts' source after start: what it last said, and what to do with
+/// a change. A change that is invalid (bad YAML, a count `--workers` forbids,
+/// a context the app's type rejects) is logged, counted and ignored: the
+/// workers keep their last good contexts.
+struct ContextsWatch {
+    rx: Option<mpsc::UnboundedReceiver<Update>>,
+    /// The text in force.
+    text: String,
+    /// `configmap`, `file` or `none` (the info metric's label).
+    source: &'static str,
+    workers: Option<Workers>,
+    policy: OnContextsChange,
+    /// Checks contexts against the app's type (built-in and library apps).
+    validate: Option<Arc<Validate>>,
+    metrics: Metrics,
+    /// The contexts in force give one item per worker.
+    per_worker: bool,
+}
+
+impl ContextsWatch {
+    fn start(plan: &Plan, validate: Arc<Validate>, metrics: Metrics) -> ContextsWatch {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let source = match &plan.contexts_source {
+            ContextsSource::File(path) => {
+                crate::filewatch::spawn(path.clone(), plan.contexts_text.clone(), tx);
+                "file"
+            }
+            ContextsSource::ConfigMap { r, namespace } => {
+                let r = crate::configmap::ConfigMapRef {
+                    namespace: Some(namespace.clone()),
+                    name: r.name.clone(),
+                };
+                let key = plan.args.worker_contexts_key.clone();
+                let version = plan.contexts_version.clone();
+                tokio::spawn(async move {
+                    match crate::configmap::connect(&r, &key).await {
+                        Ok(src) => crate::configmap::watch(src, version, tx).await,
+                        Err(e) => tracing::error!("cannot watch the contexts: {e}"),
+                    }
+                });
+                "configmap"
+            }
+            ContextsSource::None => "none",
+        };
+        metrics.set_contexts(source, &plan.contexts_version);
+        ContextsWatch {
+            rx: Some(rx),
+            text: plan.contexts_text.clone(),
+            source,
+            workers: plan.args.workers,
+            policy: plan.args.on_contexts_change,
+            validate: matches!(plan.app, AppKind::Builtin).then_some(validate),
+            metrics,
+            per_worker: plan.contexts_per_worker(),
+        }
+    }
+
+    /// The next valid change to apply; None once the source can say no more.
+    async fn next(&mut self, in_process: bool) -> Option<Vec<serde_json::Value>> {
+        loop {
+            let update = match self.rx.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => None,
+            };
+            let Some(update) = update else {
+                self.rx = None;
+                return None;
+            };
+            let origin = update.origin.clone();
+            match self.evaluate(update, in_process) {
+                Ok(Some(c)) => return Some(c),
+                Ok(None) => {}
+                Err(e) => {
+                    self.metrics
+                        .contexts_reloads
+                        .with_label_values(&["failure"])
+                        .inc();
+                    tracing::error!("ignoring new worker contexts from {origin}: {e}; the workers keep their last good contexts");
+                }
+            }
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        u: Update,
+        in_process: bool,
+    ) -> std::result::Result<Option<Vec<serde_json::Value>>, String> {
+        let text = u.text?;
+        if text == self.text {
+            return Ok(None);
+        }
+        let parsed = contexts::parse(&text, &u.origin).map_err(|e| e.to_string())?;
+        // In-process there is exactly one worker and no process to add.
+        let workers = if in_process {
+            Some(Workers::Count(1))
+        } else {
+            self.workers
+        };
+        let assigned = contexts::assign(&parsed, workers, crate::cgroup::allowed_cpus, &u.origin)
+            .map_err(|e| e.to_string())?;
+        if let Some(validate) = &self.validate {
+            for (i, c) in assigned.iter().enumerate() {
+                validate(i, c)?;
+            }
+        }
+        self.text = text;
+        self.per_worker = matches!(parsed, contexts::Contexts::PerWorker(_));
+        self.metrics
+            .contexts_reloads
+            .with_label_values(&["success"])
+            .inc();
+        self.metrics.set_contexts(self.source, &u.version);
+        if self.policy == OnContextsChange::Ignore {
+            tracing::info!(
+                version = u.version,
+                "worker contexts changed in {}; --on-contexts-change ignore: the workers keep theirs",
+                u.origin
+            );
+            return Ok(None);
+        }
+        tracing::info!(
+            version = u.version,
+            "new worker contexts from {}: rolling restart",
+            u.origin
+        );
+        Ok(Some(assigned))
     }
 }

@@ -167,7 +167,15 @@ async fn run(
         use std::io::Write;
         let _ = (&writer).write_all(MSG_READY);
     };
-    let draining = crate::serve::serve(listener, svc, recorder, stop_accepting, ready, false).await;
+    let draining = crate::serve::serve(
+        listener,
+        tokio::sync::watch::channel(svc).1,
+        recorder,
+        stop_accepting,
+        ready,
+        false,
+    )
+    .await;
     // The supervisor enforces --graceful-timeout with SIGKILL.
     draining.finish(None).await;
     Ok(())

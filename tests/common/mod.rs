@@ -4,6 +4,8 @@
 //! dropped (its workers die with it through their parent-death signal).
 #![allow(dead_code)]
 
+pub mod fake_kube;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
