@@ -425,20 +425,28 @@ impl PodCollector {
     }
 }
 
-/// (utime+stime+cutime+cstime in ticks, resident pages) of a live process.
+/// (utime+stime+cutime+cstime in ticks, resident pages) of a live process,
+/// from one read of `/proc/<pid>/stat` (the scrape's per-worker cost).
 fn proc_usage(pid: i32) -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may contain spaces.
+    let mut buf = [0u8; 1024];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+        f.read(&mut buf).ok()?
+    };
+    let stat = std::str::from_utf8(&buf[..n]).ok()?;
+    // Fields after the command name, which may contain spaces and ')'.
     let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state): utime is field 14, so index 11.
+    let mut f = rest.split_ascii_whitespace();
+    // rest's first field is field 3 (state); utime..cstime are fields 14-17,
+    // rss is field 24.
     let ticks: f64 = f
-        .get(11..15)?
-        .iter()
+        .by_ref()
+        .skip(11)
+        .take(4)
         .filter_map(|v| v.parse::<f64>().ok())
         .sum();
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let pages: f64 = f.nth(6)?.parse().ok()?;
     Some((ticks, pages))
 }
 
