@@ -280,18 +280,24 @@ pub async fn watch(src: Source, mut resource_version: String, tx: mpsc::Unbounde
                         Ok(WatchEvent::Bookmark(b)) => {
                             resource_version = b.metadata.resource_version
                         }
+                        Ok(WatchEvent::Error(status)) if status.code == 410 => {
+                            // The version is older than the server keeps
+                            // (an unchanged ConfigMap's own version expires
+                            // too): watch from "now"; the server first sends
+                            // the current object, which dedupes if unchanged.
+                            tracing::info!(
+                                "{}: the watch expired (410 Gone: {}); watching from the current state",
+                                src.origin(),
+                                status.message
+                            );
+                            resource_version.clear();
+                            break;
+                        }
                         Ok(WatchEvent::Error(status)) => {
-                            why = Some(if status.code == 410 {
-                                format!(
-                                    "the watch expired (410 Gone: {}); reading again",
-                                    status.message
-                                )
-                            } else {
-                                format!(
-                                    "the watch failed ({} {}): {}",
-                                    status.code, status.reason, status.message
-                                )
-                            });
+                            why = Some(format!(
+                                "the watch failed ({} {}): {}",
+                                status.code, status.reason, status.message
+                            ));
                             break;
                         }
                         Err(e) => {

@@ -5,11 +5,16 @@
 //! # Ending accept without resetting queued connections
 //! Closing a listening socket resets every connection still waiting in its
 //! accept queue, and the queue lives as long as any process holds the socket.
-//! So the drain calls `listen(fd, 0)` again first ([`Listener::stop_new`]):
-//! new handshakes are no longer completed (the client's SYN is dropped and
-//! retried, so it sees a refusal only once the socket is closed), while every
-//! connection already queued stays and is accepted and served by the workers,
-//! which accept until `EAGAIN` before closing their copy.
+//! So the drain first shuts new connections out while leaving the queue
+//! alone ([`Listener::stop_new`]): a socket filter that drops every incoming
+//! packet on the listener (the clients' SYNs are dropped and retried, so they
+//! see a refusal only once the socket is closed), plus `listen(fd, 0)`.
+//! `listen(fd, 0)` alone is not enough: Linux still completes one handshake
+//! into an empty queue, and that connection is reset when the socket closes.
+//! Connections already queued are separate sockets the filter does not touch;
+//! they stay and are accepted and served: drover's own workers accept until
+//! `EAGAIN` before closing their copy, and for external workers the
+//! supervisor waits until the queue is empty before sending `--stop-signal`.
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -154,7 +159,12 @@ impl Listener {
     /// Stops new connections from completing, keeping the queued ones
     /// (see the module doc). Affects every process holding the socket.
     pub fn stop_new(&self) -> io::Result<()> {
-        self.socket.listen(0)
+        shut_out(socket2::SockRef::from(&self.socket))
+    }
+
+    /// Connections waiting in the accept queue now (TCP only).
+    pub fn queued(&self) -> Option<u32> {
+        crate::sys::listen_queue(self.socket.as_raw_fd()).map(|(q, _)| q)
     }
 
     /// A duplicate of the descriptor (for reading its accept queue).
@@ -178,6 +188,19 @@ impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
     }
+}
+
+/// A classic BPF program of one instruction, `ret #0`: drop the packet.
+const DROP_ALL: [socket2::SockFilter; 1] = [socket2::SockFilter::new(0x06, 0, 0, 0)];
+
+/// Shuts new connections out of a listening socket, keeping its queue.
+fn shut_out(socket: socket2::SockRef<'_>) -> io::Result<()> {
+    if socket.local_addr()?.is_unix() {
+        // A Unix socket's new clients are shut out by removing its file.
+        return socket.listen(0);
+    }
+    socket.attach_filter(&DROP_ALL)?;
+    socket.listen(0)
 }
 
 fn listen(socket: Socket, backlog: u32) -> io::Result<(Socket, u32)> {
@@ -234,11 +257,11 @@ impl ServeListener {
     /// Stops new connections from completing (see the module doc).
     pub fn stop_new(&self) {
         let r = match self {
-            ServeListener::Tcp(l) => socket2::SockRef::from(l).listen(0),
-            ServeListener::Unix(l) => socket2::SockRef::from(l).listen(0),
+            ServeListener::Tcp(l) => shut_out(socket2::SockRef::from(l)),
+            ServeListener::Unix(l) => shut_out(socket2::SockRef::from(l)),
         };
         if let Err(e) = r {
-            tracing::warn!(error = %e, "listen(0) on the shared socket failed");
+            tracing::warn!(error = %e, "cannot shut new connections out of the shared socket");
         }
     }
 

@@ -319,6 +319,14 @@ struct Pool {
     region: Option<Arc<crate::sys::SharedWords>>,
     /// Changes of the contexts' source.
     watch: ContextsWatch,
+    /// Process groups of workers that exited while members of the group
+    /// (the worker's own children) lived on: told `--stop-signal`, and
+    /// SIGKILLed at the deadline. An orphaned gunicorn worker must not keep
+    /// serving after its master died.
+    orphan_groups: HashMap<i32, Instant>,
+    /// Every worker process group ever started, swept with SIGKILL when
+    /// drover exits so that nothing a worker left behind outlives it.
+    groups: std::collections::HashSet<i32>,
 }
 
 impl Pool {
@@ -369,6 +377,8 @@ impl Pool {
             roll: None,
             region: metrics_region,
             watch,
+            orphan_groups: HashMap::new(),
+            groups: Default::default(),
         }
     }
 
@@ -378,6 +388,17 @@ impl Pool {
             .map_err(|e| Error::io("SIGTTIN handler", e))?;
         let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))
             .map_err(|e| Error::io("SIGTTOU handler", e))?;
+        // The first start of every worker: a command that cannot be executed
+        // at all is a configuration error, not a crash loop.
+        for id in 0..self.slots.len() {
+            self.slots[id].restart_at = None;
+            if let Err(e) = self.start(id) {
+                let err = self.start_error(e);
+                tracing::error!(worker = id, "{err}");
+                self.kill_everything().await;
+                return Err(err);
+            }
+        }
         let flag = self.flag.clone();
         let stopped = flag.wait();
         tokio::pin!(stopped);
@@ -390,6 +411,7 @@ impl Pool {
                 .iter()
                 .filter_map(|s| s.restart_at)
                 .chain(self.leaving_deadlines())
+                .chain(self.orphan_groups.values().copied())
                 .min();
             tokio::select! {
                 biased;
@@ -397,6 +419,7 @@ impl Pool {
                 _ = self.sigchld.recv() => {
                     self.reap(false);
                     if let Some(code) = self.all_gone() {
+                        self.sweep_groups();
                         return Ok(code);
                     }
                 }
@@ -430,6 +453,72 @@ impl Pool {
         Some(if failed { exit::KILLED } else { exit::OK })
     }
 
+    /// Words for a worker that could not be started.
+    fn start_error(&self, e: std::io::Error) -> Error {
+        match &self.plan.app {
+            AppKind::Command { program, .. } => {
+                let code = match e.raw_os_error() {
+                    Some(libc::ENOENT) => 127,
+                    _ => 126,
+                };
+                let hint = if e.raw_os_error() == Some(libc::ENOENT) && program.exists() {
+                    match shebang(program) {
+                        Some(interp) => format!(" (its #! interpreter {interp} does not exist)"),
+                        None => " (the file exists: a library or interpreter it needs is missing)"
+                            .into(),
+                    }
+                } else if e.raw_os_error() == Some(libc::ENOEXEC) {
+                    " (not a binary this system can run, and no #! line)".into()
+                } else {
+                    String::new()
+                };
+                Error::Command {
+                    program: program.display().to_string(),
+                    reason: format!("execve failed: {e}{hint}; a shell would exit {code}"),
+                }
+            }
+            AppKind::Builtin => Error::io("cannot start a worker process", e),
+        }
+    }
+
+    /// SIGKILL to every worker and what it started, and reap them (start-up
+    /// failed: no half-started pod).
+    async fn kill_everything(&mut self) {
+        for &pid in self.pids.keys() {
+            crate::sys::kill_group(pid, libc::SIGKILL);
+            crate::sys::kill(pid, libc::SIGKILL);
+        }
+        let until = Instant::now() + REAP_AFTER_KILL;
+        while self.alive() > 0 && Instant::now() < until {
+            tokio::select! {
+                _ = self.sigchld.recv() => self.reap(true),
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+        self.sweep_groups();
+    }
+
+    /// A worker exited: whatever it started and left in its process group
+    /// is told to stop, and killed after `--graceful-timeout`.
+    fn stop_orphans(&mut self, pid: i32) {
+        if crate::sys::kill_group(pid, self.plan.args.stop_signal.signo) {
+            tracing::info!(
+                pid,
+                "the exited worker's own children live on: sent them --stop-signal"
+            );
+            self.orphan_groups
+                .insert(pid, Instant::now() + self.plan.args.graceful_timeout);
+        }
+    }
+
+    /// SIGKILL to every worker process group (drover is exiting).
+    fn sweep_groups(&mut self) {
+        for &g in &self.groups {
+            crate::sys::kill_group(g, libc::SIGKILL);
+        }
+        self.reap(true);
+    }
+
     fn leaving_deadlines(&self) -> impl Iterator<Item = Instant> + '_ {
         self.pids.values().filter_map(|r| match r {
             Role::Leaving { deadline, .. } => *deadline,
@@ -445,8 +534,14 @@ impl Pool {
             if s.pid.is_none() && !s.removed && s.restart_at.is_some_and(|t| t <= now) {
                 self.slots[id].restart_at = None;
                 if let Err(e) = self.start(id) {
-                    tracing::error!(worker = id, error = %e, "cannot start worker");
-                    self.schedule_restart(id, false);
+                    let err = self.start_error(e);
+                    self.slots[id].last_failed = true;
+                    if self.plan.args.restart == Restart::Never {
+                        tracing::error!(worker = id, "{err}; --restart never: not retrying");
+                    } else {
+                        tracing::error!(worker = id, "{err}; retrying");
+                        self.schedule_restart(id, true);
+                    }
                 }
             }
         }
@@ -510,6 +605,7 @@ impl Pool {
         // An external command counts as up once it runs.
         slot.ready = !builtin;
         self.pids.insert(pid, Role::Active(id, generation));
+        self.groups.insert(pid);
         self.metrics.pod.process_started(id, pid);
         self.count_running();
         tracing::info!(worker = id, pid, "worker started");
@@ -594,6 +690,7 @@ impl Pool {
                     continue;
                 }
                 Some(Role::Leaving { id, .. }) => {
+                    self.stop_orphans(pid);
                     if self.slots[id]
                         .outgoing
                         .as_ref()
@@ -607,6 +704,7 @@ impl Pool {
                 }
                 Some(Role::Active(id, _)) => id,
             };
+            self.stop_orphans(pid);
             self.count_running();
             let slot = &mut self.slots[id];
             slot.pid = None;
@@ -858,6 +956,21 @@ impl Pool {
     /// SIGKILL to leaving processes that outlived `--graceful-timeout`.
     fn kill_overdue(&mut self) {
         let now = Instant::now();
+        self.orphan_groups.retain(|&g, deadline| {
+            if *deadline > now {
+                return true;
+            }
+            if crate::sys::kill_group(g, libc::SIGKILL) {
+                tracing::warn!(
+                    group = g,
+                    "children of an exited worker outlived --graceful-timeout: SIGKILL"
+                );
+            }
+            false
+        });
+        // Forget groups that have no member left.
+        self.groups
+            .retain(|&g| crate::sys::kill_group(g, 0) || self.pids.contains_key(&g));
         for (&pid, role) in &self.pids {
             if let Role::Leaving {
                 id,
@@ -874,6 +987,24 @@ impl Pool {
                     crate::sys::kill_group(pid, libc::SIGKILL);
                     crate::sys::kill(pid, libc::SIGKILL);
                 }
+            }
+        }
+    }
+
+    /// Waits (bounded by `deadline`) until the accept queue is empty.
+    async fn wait_queue_empty(&mut self, l: &Listener, deadline: Instant) {
+        let Some(first) = l.queued() else { return };
+        if first == 0 {
+            return;
+        }
+        tracing::info!(
+            queued = first,
+            "letting the workers accept the connections already queued"
+        );
+        while l.queued().unwrap_or(0) > 0 && Instant::now() < deadline && self.alive() > 0 {
+            tokio::select! {
+                _ = self.sigchld.recv() => self.reap(true),
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
             }
         }
     }
@@ -909,10 +1040,18 @@ impl Pool {
         }
 
         // 3. Stop accepting: every process still serving, replaced or not.
+        let deadline = Instant::now() + args.graceful_timeout;
         self.metrics.pod.forget_listener();
         if let Some(l) = self.listener.take() {
             if let Err(e) = l.stop_new() {
-                tracing::warn!(error = %e, "listen(0) on the shared socket failed");
+                tracing::warn!(error = %e, "cannot shut new connections out of the shared socket");
+            }
+            if !builtin {
+                // An external worker told to stop exits without emptying the
+                // accept queue (gunicorn, uvicorn): let the workers, still
+                // accepting, take every queued connection first. Nothing new
+                // can join the queue, so it only shrinks.
+                self.wait_queue_empty(&l, deadline).await;
             }
         }
         tracing::info!("no longer accepting; finishing in-flight requests");
@@ -932,7 +1071,6 @@ impl Pool {
         }
 
         // 4. Wait, then kill.
-        let deadline = Instant::now() + args.graceful_timeout;
         while self.alive() > 0 && Instant::now() < deadline {
             tokio::select! {
                 _ = self.sigchld.recv() => self.reap(true),
@@ -959,8 +1097,8 @@ impl Pool {
                 }
             }
         }
-        // Reap whatever else already exited (orphans of workers).
-        self.reap(true);
+        // Nothing a worker started outlives drover; then reap the lot.
+        self.sweep_groups();
         if killed {
             Ok(exit::KILLED)
         } else {
@@ -991,6 +1129,19 @@ impl Slot {
             last_failed: false,
         }
     }
+}
+
+/// The interpreter a script's `#!` line names, if any.
+fn shebang(program: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(program).ok()?.read(&mut head).ok()?;
+    let line = head[..n]
+        .strip_prefix(b"#!")?
+        .split(|&b| b == b'\n')
+        .next()?;
+    let line = String::from_utf8_lossy(line);
+    line.split_whitespace().next().map(str::to_string)
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
@@ -1112,7 +1263,6 @@ impl ContextsWatch {
             .contexts_reloads
             .with_label_values(&["success"])
             .inc();
-        self.metrics.set_contexts(self.source, &u.version);
         if self.policy == OnContextsChange::Ignore {
             tracing::info!(
                 version = u.version,
@@ -1121,6 +1271,7 @@ impl ContextsWatch {
             );
             return Ok(None);
         }
+        self.metrics.set_contexts(self.source, &u.version);
         tracing::info!(
             version = u.version,
             "new worker contexts from {}: rolling restart",

@@ -382,6 +382,20 @@ fn serve(
         return conn.write_all(b"0\r\n\r\n");
     }
     let mut s = m.lock().unwrap();
+    if from == 0 {
+        // No resourceVersion: like the real server, the current state first
+        // (a synthetic ADDED), then changes after it.
+        if let Some((data, rv)) = s.objects.get(&(ns.clone(), name.clone())) {
+            let line =
+                json!({"type": "ADDED", "object": configmap(&ns, &name, data, *rv)}).to_string();
+            from = *rv;
+            drop(s);
+            chunk(&mut conn, &line)?;
+            s = m.lock().unwrap();
+        } else {
+            from = s.rv;
+        }
+    }
     loop {
         if stop.load(Ordering::Relaxed) || s.drop_generation != drop_gen {
             // Cut the connection mid-stream.
