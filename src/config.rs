@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// Restart policy for workers that exit on their own.
     #[arg(long, env = "DROVER_RESTART", value_enum, default_value_t = Restart::Always)]
     pub restart: Restart,
+    /// When an external worker counts as up: once it runs, or once it sends
+    /// READY=1 to $NOTIFY_SOCKET (systemd's sd_notify; gunicorn does).
+    #[arg(long, env = "DROVER_WORKER_READY", value_enum, default_value_t = WorkerReady::Running)]
+    pub worker_ready: WorkerReady,
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -153,6 +157,15 @@ pub enum Restart {
     OnFailure,
     /// Never restart.
     Never,
+}
+
+/// `--worker-ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkerReady {
+    /// Up once the process runs.
+    Running,
+    /// Up once it sends `READY=1` to `$NOTIFY_SOCKET`.
+    Notify,
 }
 
 /// `--log-format`.

