@@ -643,6 +643,47 @@ fn connections_queued_at_stop_are_served_not_reset() {
     );
 }
 
+/// Once accepting has stopped, no new connection completes, not even the
+/// one Linux still lets into an empty queue after `listen(fd, 0)` (it would
+/// be reset when the socket closes): with both workers held (SIGSTOP) after
+/// the stop, a new connect does not complete; once drover has exited, it is
+/// refused.
+#[test]
+fn no_new_connection_completes_after_accepting_stops() {
+    let mut d = start(&["--workers", "2"]);
+    d.wait_ready();
+    let pids = worker_pids(&d, 2);
+    let _resume = Resume(pids.clone());
+    for &p in &pids {
+        send_signal(p, libc::SIGSTOP);
+    }
+    admin_stop(&d);
+    assert!(
+        eventually(Duration::from_secs(5), || d
+            .log_contains("no longer accepting")),
+        "{}",
+        d.log_text()
+    );
+    let app = d.app();
+    match TcpStream::connect_timeout(&app, Duration::from_millis(500)) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::TimedOut
+                || e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a connection after the stop got {other:?}, not a dropped SYN"),
+    }
+    for &p in &pids {
+        send_signal(p, libc::SIGCONT);
+    }
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(10)).code(),
+        Some(0),
+        "{}",
+        d.log_text()
+    );
+    let e = TcpStream::connect_timeout(&app, Duration::from_secs(2)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+}
+
 // ------------------------------------------------- 10: the library's stop()
 
 /// `drover::stop()` called from the app's handler (`POST /stop` on the app
