@@ -111,6 +111,16 @@ where
         return worker::main(&erased);
     }
 
+    // Kubernetes injects `DROVER_PORT=tcp://<ip>:<port>` into every pod of
+    // a namespace holding a Service named `drover` (service links), which is
+    // also `--port`'s variable. Such a value is not the user's: ignore it.
+    let service_link = std::env::var("DROVER_PORT")
+        .ok()
+        .filter(|v| v.starts_with("tcp://") || v.starts_with("udp://"));
+    if service_link.is_some() {
+        // Still single-threaded here: no other thread reads the environment.
+        std::env::remove_var("DROVER_PORT");
+    }
     let cli = match config::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -129,6 +139,7 @@ where
         }),
         Some(config::Command::Check(args)) => {
             logging::init(args.log_format, &args.log_level);
+            warn_service_link(&service_link);
             plan::load(*args, &*validate).map(|p| {
                 print!("{}", plan::describe(&p));
                 exit::OK
@@ -136,6 +147,7 @@ where
         }
         None => {
             logging::init(cli.run.log_format, &cli.run.log_level);
+            warn_service_link(&service_link);
             plan::load(cli.run, &*validate).and_then(|p| supervisor::run(p, &erased, validate))
         }
     };
@@ -146,5 +158,13 @@ where
             eprintln!("drover: error: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+fn warn_service_link(value: &Option<String>) {
+    if let Some(v) = value {
+        tracing::warn!(
+            "ignoring DROVER_PORT={v}: a Kubernetes service link for a Service named drover, not a port (set enableServiceLinks: false)"
+        );
     }
 }

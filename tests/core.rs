@@ -684,6 +684,29 @@ fn no_new_connection_completes_after_accepting_stops() {
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
 }
 
+/// A Kubernetes service link (`DROVER_PORT=tcp://10.0.0.1:8000`, injected
+/// for a Service named drover) is not taken for `--port`: the plan uses the
+/// default port and the log says why the variable was ignored.
+#[test]
+fn a_kubernetes_service_link_in_drover_port_is_ignored() {
+    let out = std::process::Command::new(bin())
+        .arg("check")
+        .env("DROVER_PORT", "tcp://10.0.0.1:8000")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("listener: 0.0.0.0:8000"), "{text}");
+    assert!(
+        text.contains("ignoring DROVER_PORT=tcp://10.0.0.1:8000"),
+        "{text}"
+    );
+}
+
 // ------------------------------------------------- 10: the library's stop()
 
 /// `drover::stop()` called from the app's handler (`POST /stop` on the app
