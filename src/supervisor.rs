@@ -499,21 +499,25 @@ impl Pool {
         }
     }
 
-    /// SIGKILL to every worker and what it started, and reap them (start-up
-    /// failed: no half-started pod).
+    /// SIGKILL to every worker and what it started, reap them, and sweep
+    /// their process groups (start-up failed, or the drain ran out of time).
     async fn kill_everything(&mut self) {
         for &pid in self.pids.keys() {
             crate::sys::kill_group(pid, libc::SIGKILL);
             crate::sys::kill(pid, libc::SIGKILL);
         }
-        let until = Instant::now() + REAP_AFTER_KILL;
+        self.reap_until(Instant::now() + REAP_AFTER_KILL).await;
+        self.sweep_groups();
+    }
+
+    /// Reaps exits (never restarting) until no worker is left or `until`.
+    async fn reap_until(&mut self, until: Instant) {
         while self.alive() > 0 && Instant::now() < until {
             tokio::select! {
                 _ = self.sigchld.recv() => self.reap(true),
                 _ = tokio::time::sleep_until(until) => {}
             }
         }
-        self.sweep_groups();
     }
 
     /// A worker exited: whatever it started and left in its process group
@@ -1073,13 +1077,7 @@ impl Pool {
         }
 
         // 2. Keep serving for the drain delay.
-        let until = Instant::now() + args.drain_delay;
-        while Instant::now() < until && self.alive() > 0 {
-            tokio::select! {
-                _ = self.sigchld.recv() => self.reap(true),
-                _ = tokio::time::sleep_until(until) => {}
-            }
-        }
+        self.reap_until(Instant::now() + args.drain_delay).await;
 
         // 3. Stop accepting: every process still serving, replaced or not.
         let deadline = Instant::now() + args.graceful_timeout;
@@ -1113,40 +1111,21 @@ impl Pool {
         }
 
         // 4. Wait, then kill.
-        while self.alive() > 0 && Instant::now() < deadline {
-            tokio::select! {
-                _ = self.sigchld.recv() => self.reap(true),
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-        }
-        let killed = self.alive() > 0;
-        if killed {
+        self.reap_until(deadline).await;
+        if self.alive() > 0 {
             let pids: Vec<i32> = self.pids.keys().copied().collect();
             tracing::warn!(
                 ?pids,
                 timeout = ?args.graceful_timeout,
                 "workers outlived --graceful-timeout: SIGKILL"
             );
-            for &pid in &pids {
-                crate::sys::kill_group(pid, libc::SIGKILL);
-                crate::sys::kill(pid, libc::SIGKILL);
-            }
-            let until = Instant::now() + REAP_AFTER_KILL;
-            while self.alive() > 0 && Instant::now() < until {
-                tokio::select! {
-                    _ = self.sigchld.recv() => self.reap(true),
-                    _ = tokio::time::sleep_until(until) => {}
-                }
-            }
+            self.kill_everything().await;
+            return Ok(exit::KILLED);
         }
-        // Nothing a worker started outlives drover; then reap the lot.
+        // Nothing a worker started outlives drover.
         self.sweep_groups();
-        if killed {
-            Ok(exit::KILLED)
-        } else {
-            tracing::info!("drained cleanly");
-            Ok(exit::OK)
-        }
+        tracing::info!("drained cleanly");
+        Ok(exit::OK)
     }
 }
 
