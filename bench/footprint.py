@@ -246,7 +246,7 @@ def main(argv=None):
             rows.append((f"{r['name']}: child {i}, idle", w))
         for i, w in enumerate(r.get("grandchildren", [])):
             rows.append((f"{r['name']}: grandchild {i}, idle", w))
-    print("| process | VmRSS MB | RssAnon MB | RssFile MB (of which the executable) | Pss MB |")
+    print("| process | VmRSS MiB | RssAnon MiB | RssFile MiB (of which the executable) | Pss MiB |")
     print("|---|---|---|---|---|")
     for label, m in rows:
         print(f"| {label} | {mb(m.get('VmRSS'))} | {mb(m.get('RssAnon'))} | "

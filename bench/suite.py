@@ -270,10 +270,10 @@ def goals(parts: dict) -> list[dict]:
         last = phs[-1]
         sup = [d[p]["supervisor"]["VmRSS"] for p in phs]
         wk = [w["VmRSS"] for p in phs for w in d[p]["workers"]]
-        add(5, "supervisor VmRSS < 5 MB", f"{max(sup) / 1024:.2f} MB (max over the run; "
-            f"{d['idle']['supervisor']['VmRSS'] / 1024:.2f} MB idle)", max(sup) / 1024 < GOAL_RSS_MB)
-        add(5, "built-in worker VmRSS < 5 MB", f"{max(wk) / 1024:.2f} MB (max over the run; "
-            f"{max(w['VmRSS'] for w in d['idle']['workers']) / 1024:.2f} MB idle)", max(wk) / 1024 < GOAL_RSS_MB)
+        add(5, "supervisor VmRSS < 5 MiB", f"{max(sup) / 1024:.2f} MiB (max over the run; "
+            f"{d['idle']['supervisor']['VmRSS'] / 1024:.2f} MiB idle)", max(sup) / 1024 < GOAL_RSS_MB)
+        add(5, "built-in worker VmRSS < 5 MiB", f"{max(wk) / 1024:.2f} MiB (max over the run; "
+            f"{max(w['VmRSS'] for w in d['idle']['workers']) / 1024:.2f} MiB idle)", max(wk) / 1024 < GOAL_RSS_MB)
         n1 = d["after_1"]["requests"]
         names = ["supervisor"] + [f"worker {i}" for i in range(len(d["idle"]["workers"]))]
 
@@ -415,7 +415,7 @@ def report(doc: dict) -> str:
     if fp:
         d = fp["drover"]
         phs = d["phases"]
-        L.append(f"### 5. Footprint (VmRSS, MB; RssAnon in brackets; `wrk -t1 -c16` keep-alive; built-in app, 2 workers)")
+        L.append(f"### 5. Footprint (VmRSS, MiB; RssAnon in brackets; `wrk -t1 -c16` keep-alive; built-in app, 2 workers)")
         L.append("")
         L.append("| process | " + " | ".join("idle" if p == "idle" else f"after {d[p]['requests']} requests"
                                             for p in phs) + " |")
@@ -448,11 +448,12 @@ def report(doc: dict) -> str:
                     f"{x['requests'] / 1e6:.2f} M: {'/'.join(str(v) for v in anon(x['mem']))}" for x in pick) + ".")
         b = fp["binary"]
         L.append("")
-        L.append(f"drover binary (release, {'stripped' if b['stripped'] else 'NOT stripped'}): "
+        build = "debug" if "/debug/" in b["path"] else "release"
+        L.append(f"drover binary ({build}, {'stripped' if b['stripped'] else 'NOT stripped'}): "
                  f"{b['bytes'] / 1e6:.2f} MB; `examples/direct`: {fp['binary_direct']['bytes'] / 1e6:.2f} MB. "
                  f"Executable pages resident (RssFile of the binary itself): supervisor "
-                 f"{d['idle']['supervisor'].get('RssExe', 0) / 1024:.2f} MB, worker "
-                 f"{d['idle']['workers'][0].get('RssExe', 0) / 1024:.2f} MB idle.")
+                 f"{d['idle']['supervisor'].get('RssExe', 0) / 1024:.2f} MiB, worker "
+                 f"{d['idle']['workers'][0].get('RssExe', 0) / 1024:.2f} MiB idle.")
         L.append("")
 
     sc = parts.get("scale", {}).get("result")
@@ -485,13 +486,13 @@ def report(doc: dict) -> str:
                      f"{sum(r['bad'].values())} |")
             L.append(f"| held idle {k['held_s']:g} s | {k['closed_while_idle']} closed |")
             hold = k["rss_kb_holding"]
-            L.append(f"| VmRSS while holding | supervisor {hold['supervisor'] / 1024:.1f} MB, workers "
-                     f"{', '.join(f'{x / 1024:.1f}' for x in hold['workers'])} MB |")
+            L.append(f"| VmRSS while holding | supervisor {hold['supervisor'] / 1024:.1f} MiB, workers "
+                     f"{', '.join(f'{x / 1024:.1f}' for x in hold['workers'])} MiB |")
             dh = k.get("direct_holding")
             if dh and "rss_kb_idle" in k:
                 per = (sum(hold["workers"]) - sum(k["rss_kb_idle"]["workers"])) / k["conns"]
-                L.append(f"| memory per held connection | drover workers {per:.1f} kB; "
-                         f"`direct --threads 2` (hyper alone) {(dh['holding_kb'] - dh['idle_kb']) / dh['conns']:.1f} kB |")
+                L.append(f"| memory per held connection | drover workers {per:.1f} KiB; "
+                         f"`direct --threads 2` (hyper alone) {(dh['holding_kb'] - dh['idle_kb']) / dh['conns']:.1f} KiB |")
             L.append(f"| after POST /admin/stop | EOF {c['eof']}, RST {c['reset']}, unexpected data {c['data']}, "
                      f"still open {c['open']} |")
             L.append(f"| first / median / last close | {fmt_ms(c.get('first_close_ms'))} / "

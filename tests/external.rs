@@ -1045,7 +1045,7 @@ fn hup_rolls_gunicorn_masters_without_failed_requests() {
 /// With `--worker-ready notify` an external worker is up only once it
 /// sends READY=1 to `$NOTIFY_SOCKET` (gunicorn does when its master has
 /// booted), so a HUP replaces gunicorn masters strictly one at a time: the
-/// second replacement starts only after the first one's gunicorn booted.
+/// second replacement starts only after the first one reported READY=1.
 /// (With the default `--worker-ready running`, a running process is up.)
 #[test]
 fn hup_replaces_gunicorn_masters_one_at_a_time() {
@@ -1071,7 +1071,9 @@ fn hup_replaces_gunicorn_masters_one_at_a_time() {
         .filter(|&i| log[i].contains("\"worker started\""))
         .collect();
     assert_eq!(starts.len(), 2, "{}", log.join("\n"));
-    let booted_between = (starts[0]..starts[1]).any(|i| log[i].contains("Booting worker with pid"));
+    // gunicorn says READY=1 once its master listens (its worker boots just
+    // after): the next replacement must wait for that report.
+    let booted_between = (starts[0]..starts[1]).any(|i| log[i].contains("worker reported READY=1"));
     assert!(
         booted_between,
         "the second master was replaced before the first replacement booted:\n{}",
