@@ -28,8 +28,8 @@
 //! # Layout
 //! - [`config`]: the command line and its `DROVER_*` environment twins.
 //! - [`contexts`]: worker contexts, the YAML rules and the worker count.
-//! - `configmap`: contexts from a ConfigMap through the Kubernetes API, watched.
-//! - `filewatch`: watching `--worker-contexts-file` (a mounted ConfigMap).
+//!   `contexts::configmap` (the ConfigMap through the API, watched),
+//!   `contexts::file` (a watched file), `contexts::watch` (changes, checked).
 //! - `plan`: a checked configuration, before anything starts (`drover check`).
 //! - `listener`: the one shared socket, its backlog and the end of accepting.
 //! - `supervisor`: starting, reaping and restarting workers; the drain.
@@ -53,10 +53,8 @@ pub mod builtin;
 pub mod cgroup;
 mod client;
 pub mod config;
-mod configmap;
 pub mod contexts;
 pub mod error;
-mod filewatch;
 mod listener;
 mod logging;
 mod metrics;

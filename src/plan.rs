@@ -37,7 +37,7 @@ pub enum ContextsSource {
     /// `--worker-contexts-configmap`, resolved.
     ConfigMap {
         /// As given.
-        r: crate::configmap::ConfigMapRef,
+        r: crate::contexts::configmap::ConfigMapRef,
         /// The namespace in use.
         namespace: String,
     },
@@ -93,7 +93,7 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
                     path: path.clone(),
                     source,
                 })?;
-                let version = crate::filewatch::content_version(&text);
+                let version = crate::contexts::file::content_version(&text);
                 (
                     text,
                     path.display().to_string(),
@@ -102,7 +102,7 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
                 )
             }
             (None, Some(cm)) => {
-                let r = crate::configmap::parse_ref(cm)?;
+                let r = crate::contexts::configmap::parse_ref(cm)?;
                 // A short-lived runtime: the supervisor builds its own client
                 // (a client is tied to the runtime that made it).
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -110,8 +110,10 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
                     .build()
                     .map_err(|e| Error::io("cannot start the runtime", e))?;
                 let (src, fetched) = rt.block_on(async {
-                    let src = crate::configmap::connect(&r, &args.worker_contexts_key).await?;
-                    let fetched = crate::configmap::fetch_at_start(&src, args.kube_timeout).await?;
+                    let src =
+                        crate::contexts::configmap::connect(&r, &args.worker_contexts_key).await?;
+                    let fetched =
+                        crate::contexts::configmap::fetch_at_start(&src, args.kube_timeout).await?;
                     Ok::<_, Error>((src, fetched))
                 })?;
                 rt.shutdown_timeout(std::time::Duration::from_millis(100));

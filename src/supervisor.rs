@@ -38,12 +38,11 @@ use tokio::time::Instant;
 use crate::admin::{self, AdminState};
 use crate::app::{Factory, Validate};
 use crate::config::Restart;
-use crate::config::{OnContextsChange, WorkerReady, Workers};
-use crate::contexts::{self, Update};
+use crate::config::WorkerReady;
+use crate::contexts::watch::ContextsWatch;
 use crate::error::{exit, Error, Result};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
-use crate::plan::ContextsSource;
 use crate::plan::{AppKind, Plan};
 use crate::stop::{self, StopFlag, StopSource, Stopper};
 use crate::worker;
@@ -1176,135 +1175,5 @@ async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The contexts' source after start: what it last said, and what to do with
-/// a change. A change that is invalid (bad YAML, a count `--workers` forbids,
-/// a context the app's type rejects) is logged, counted and ignored: the
-/// workers keep their last good contexts.
-struct ContextsWatch {
-    rx: Option<mpsc::UnboundedReceiver<Update>>,
-    /// The text in force.
-    text: String,
-    /// `configmap`, `file` or `none` (the info metric's label).
-    source: &'static str,
-    workers: Option<Workers>,
-    policy: OnContextsChange,
-    /// Checks contexts against the app's type (built-in and library apps).
-    validate: Option<Arc<Validate>>,
-    metrics: Metrics,
-    /// The contexts in force give one item per worker.
-    per_worker: bool,
-}
-
-impl ContextsWatch {
-    fn start(plan: &Plan, validate: Arc<Validate>, metrics: Metrics) -> ContextsWatch {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let source = match &plan.contexts_source {
-            ContextsSource::File(path) => {
-                crate::filewatch::spawn(path.clone(), plan.contexts_text.clone(), tx);
-                "file"
-            }
-            ContextsSource::ConfigMap { r, namespace } => {
-                let r = crate::configmap::ConfigMapRef {
-                    namespace: Some(namespace.clone()),
-                    name: r.name.clone(),
-                };
-                let key = plan.args.worker_contexts_key.clone();
-                let version = plan.contexts_version.clone();
-                tokio::spawn(async move {
-                    match crate::configmap::connect(&r, &key).await {
-                        Ok(src) => crate::configmap::watch(src, version, tx).await,
-                        Err(e) => tracing::error!("cannot watch the contexts: {e}"),
-                    }
-                });
-                "configmap"
-            }
-            ContextsSource::None => "none",
-        };
-        metrics.set_contexts(source, &plan.contexts_version);
-        ContextsWatch {
-            rx: Some(rx),
-            text: plan.contexts_text.clone(),
-            source,
-            workers: plan.args.workers,
-            policy: plan.args.on_contexts_change,
-            validate: matches!(plan.app, AppKind::Builtin).then_some(validate),
-            metrics,
-            per_worker: plan.contexts_per_worker(),
-        }
-    }
-
-    /// The next valid change to apply; None once the source can say no more.
-    async fn next(&mut self, in_process: bool) -> Option<Vec<serde_json::Value>> {
-        loop {
-            let update = match self.rx.as_mut() {
-                Some(rx) => rx.recv().await,
-                None => None,
-            };
-            let Some(update) = update else {
-                self.rx = None;
-                return None;
-            };
-            let origin = update.origin.clone();
-            match self.evaluate(update, in_process) {
-                Ok(Some(c)) => return Some(c),
-                Ok(None) => {}
-                Err(e) => {
-                    self.metrics
-                        .contexts_reloads
-                        .with_label_values(&["failure"])
-                        .inc();
-                    tracing::error!("ignoring new worker contexts from {origin}: {e}; the workers keep their last good contexts");
-                }
-            }
-        }
-    }
-
-    fn evaluate(
-        &mut self,
-        u: Update,
-        in_process: bool,
-    ) -> std::result::Result<Option<Vec<serde_json::Value>>, String> {
-        let text = u.text?;
-        if text == self.text {
-            return Ok(None);
-        }
-        let parsed = contexts::parse(&text, &u.origin).map_err(|e| e.to_string())?;
-        // In-process there is exactly one worker and no process to add.
-        let workers = if in_process {
-            Some(Workers::Count(1))
-        } else {
-            self.workers
-        };
-        let assigned = contexts::assign(&parsed, workers, crate::cgroup::allowed_cpus, &u.origin)
-            .map_err(|e| e.to_string())?;
-        if let Some(validate) = &self.validate {
-            for (i, c) in assigned.iter().enumerate() {
-                validate(i, c)?;
-            }
-        }
-        self.text = text;
-        self.per_worker = matches!(parsed, contexts::Contexts::PerWorker(_));
-        self.metrics
-            .contexts_reloads
-            .with_label_values(&["success"])
-            .inc();
-        if self.policy == OnContextsChange::Ignore {
-            tracing::info!(
-                version = u.version,
-                "worker contexts changed in {}; --on-contexts-change ignore: the workers keep theirs",
-                u.origin
-            );
-            return Ok(None);
-        }
-        self.metrics.set_contexts(self.source, &u.version);
-        tracing::info!(
-            version = u.version,
-            "new worker contexts from {}: rolling restart",
-            u.origin
-        );
-        Ok(Some(assigned))
     }
 }

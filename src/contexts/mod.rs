@@ -7,6 +7,10 @@
 //! the worker count when `--workers` is absent; any other value (a mapping, a
 //! scalar, or an empty document, which is `null`) is every worker's context.
 
+pub(crate) mod configmap;
+pub(crate) mod file;
+pub(crate) mod watch;
+
 use serde_json::Value;
 
 use crate::config::Workers;
