@@ -227,6 +227,13 @@ impl Drover {
         let r = http(self.admin, "GET", "/metrics", &[]).ok()?;
         metric_value(&r.body, series)
     }
+
+    /// The whole /metrics text (for failure messages).
+    pub fn metrics_text(&self) -> String {
+        http(self.admin, "GET", "/metrics", &[])
+            .map(|r| r.body)
+            .unwrap_or_default()
+    }
 }
 
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
