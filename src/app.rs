@@ -124,3 +124,50 @@ pub fn full(b: impl Into<Bytes>) -> Body {
         .map_err(|e: Infallible| match e {})
         .boxed_unsync()
 }
+
+/// How this process reaches the stop flag, set once when drover starts
+/// serving.
+#[derive(Debug)]
+pub(crate) enum Stopper {
+    /// The app runs inside the supervisor: set the flag directly.
+    InProcess(crate::stop::StopFlag),
+    /// The app runs in a worker process: tell the supervisor over the
+    /// worker's control socket (`DROVER_STOP_FD`).
+    Worker(crate::control::WorkerSender),
+}
+
+static STOPPER: std::sync::OnceLock<Stopper> = std::sync::OnceLock::new();
+static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn install_stopper(stopper: Stopper) {
+    let _ = STOPPER.set(stopper);
+}
+
+/// A worker process was told that the service is draining.
+pub(crate) fn mark_draining() {
+    DRAINING.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// Stops the whole service, like mpservice's `stop_server`: callable from any
+/// handler of a library app, in-process or in a worker process. Every worker
+/// and the supervisor then drain as after `POST /admin/stop`. Returns false
+/// when the calling process is not serving under drover (nothing to stop).
+pub fn stop() -> bool {
+    match STOPPER.get() {
+        Some(Stopper::InProcess(flag)) => {
+            flag.request(crate::stop::StopSource::Worker);
+            true
+        }
+        Some(Stopper::Worker(sender)) => sender.send(crate::control::ToSupervisor::Stop),
+        None => false,
+    }
+}
+
+/// Whether the service is draining (the flag is set), as far as this process
+/// has been told. Lets a handler refuse new long jobs during a drain.
+pub fn is_draining() -> bool {
+    match STOPPER.get() {
+        Some(Stopper::InProcess(flag)) => flag.is_set(),
+        _ => DRAINING.load(std::sync::atomic::Ordering::Acquire),
+    }
+}

@@ -177,6 +177,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The option's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// `--stop-signal`: a signal number together with its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopSignal {

@@ -52,6 +52,7 @@ pub mod app;
 pub mod builtin;
 pub mod cgroup;
 mod client;
+pub mod control;
 pub mod config;
 pub mod contexts;
 pub mod error;
@@ -75,7 +76,7 @@ use hyper::{Request, Response};
 
 pub use app::{full, Body, BoxError, Worker};
 pub use error::{exit, Error, Result};
-pub use stop::{is_draining, stop};
+pub use app::{is_draining, stop};
 
 /// Runs drover with `factory` as the app: parses the command line, then
 /// supervises (or, in a worker process, serves). The factory is called once
@@ -97,17 +98,12 @@ where
             app::typed_context::<C>(id, raw).map(|_: C| ())
         });
 
-    if worker::is_worker() {
-        let format = match std::env::var("DROVER_LOG_FORMAT").as_deref() {
-            Ok("json") => config::LogFormat::Json,
-            _ => config::LogFormat::Text,
-        };
-        logging::init(
-            format,
-            &std::env::var("DROVER_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
-        );
+    if control::is_worker() {
         return worker::main(&erased);
     }
+    // Before anything else (no thread exists yet): a signal that arrives
+    // before its handler is installed waits instead of killing drover.
+    supervisor::signals::block_early();
 
     // Kubernetes injects `DROVER_PORT=tcp://<ip>:<port>` into every pod of
     // a namespace holding a Service named `drover` (service links), which is
@@ -131,11 +127,15 @@ where
         }
     };
     let result = match cli.command {
-        Some(config::Command::Stop(args)) => client::stop(args).map(|()| {
-            println!("stop accepted: drover is draining");
-            exit::OK
-        }),
+        Some(config::Command::Stop(args)) => {
+            supervisor::signals::unblock();
+            client::stop(args).map(|()| {
+                println!("stop accepted: drover is draining");
+                exit::OK
+            })
+        }
         Some(config::Command::Check(args)) => {
+            supervisor::signals::unblock();
             logging::init(args.log_format, &args.log_level);
             warn_service_link(&service_link);
             plan::load(*args, &*validate).map(|p| {

@@ -67,26 +67,40 @@ pub fn somaxconn() -> Option<u32> {
         .ok()
 }
 
+/// Resolves `host` (an address or a name) and `port` to the address to
+/// bind, as `drover check` and a run both do; `what` qualifies the address
+/// in messages (e.g. " (admin)").
+pub fn resolve(host: &str, port: u16, what: &str) -> Result<SocketAddr> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let shown = if bare.contains(':') {
+        format!("[{bare}]:{port}{what}")
+    } else {
+        format!("{bare}:{port}{what}")
+    };
+    (bare, port)
+        .to_socket_addrs()
+        .map_err(|e| Error::Listen {
+            addr: shown.clone(),
+            reason: format!("`{host}` is not an address or a resolvable host name ({e})"),
+        })?
+        .next()
+        .ok_or_else(|| Error::Listen {
+            addr: shown,
+            reason: format!("`{host}` resolves to no address"),
+        })
+}
+
 impl Listener {
-    /// Binds TCP `host:port` with `backlog`.
-    pub fn bind_tcp(host: &str, port: u16, backlog: u32) -> Result<Listener> {
-        let shown = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let addr = (bare, port)
-            .to_socket_addrs()
-            .map_err(|e| Error::Listen {
-                addr: shown.clone(),
-                reason: format!("`{host}` is not an address or a resolvable host name ({e})"),
-            })?
-            .next()
-            .ok_or_else(|| Error::Listen {
-                addr: shown.clone(),
-                reason: format!("`{host}` resolves to no address"),
-            })?;
+    /// Binds what the plan says.
+    pub fn bind(plan: &crate::plan::ListenPlan) -> Result<Listener> {
+        match &plan.at {
+            crate::plan::ListenAt::Tcp(addr) => Listener::bind_tcp(*addr, plan.backlog),
+            crate::plan::ListenAt::Unix(path) => Listener::bind_unix(path, plan.backlog),
+        }
+    }
+
+    /// Binds TCP `addr` with `backlog`.
+    pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<Listener> {
         let fail = |e: io::Error| Error::Listen {
             addr: addr.to_string(),
             reason: match e.kind() {

@@ -43,11 +43,14 @@ const CODES: usize = 900; // status 100..=999
 const OFF_BUCKETS: usize = CODES;
 const OFF_COUNT: usize = OFF_BUCKETS + DURATION_BUCKETS.len();
 const OFF_SUM_NS: usize = OFF_COUNT + 1;
-/// Two in-flight gauges per slot: the current process and, during a rolling
-/// restart, the one it replaces (lane = start generation % 2), so the gauge of
-/// a process that died mid-request can be reset without touching its twin's.
+/// In-flight gauges per slot, one per live process of the slot: the process
+/// table hands each process a lane no other live process of its slot holds
+/// (a slot has at most its current process, the one it replaces and, during
+/// overlapping rolls, older ones still finishing), so the gauge of a process
+/// that died mid-request can be reset without touching another's.
+pub const LANES: usize = 4;
 const OFF_LANES: usize = OFF_SUM_NS + 1;
-const SLOT_WORDS: usize = OFF_LANES + 2;
+const SLOT_WORDS: usize = OFF_LANES + LANES;
 
 /// The shared region's total size in words.
 pub const REGION_WORDS: usize = SLOT_WORDS * MAX_WORKERS;
@@ -72,16 +75,18 @@ pub(crate) fn open_region(fd: std::os::fd::OwnedFd) -> std::io::Result<Arc<Share
 pub struct HttpRecorder {
     region: Arc<SharedWords>,
     base: usize,
-    lane: usize,
+    /// None when every lane of the slot was taken: requests are counted,
+    /// but not as in flight.
+    lane: Option<usize>,
 }
 
 impl HttpRecorder {
-    /// The recorder of worker `id`'s process started with `generation`.
-    pub fn new(region: Arc<SharedWords>, id: usize, generation: u64) -> Option<HttpRecorder> {
+    /// The recorder of a process of worker `id` holding in-flight `lane`.
+    pub fn new(region: Arc<SharedWords>, id: usize, lane: Option<usize>) -> Option<HttpRecorder> {
         (id < MAX_WORKERS).then(|| HttpRecorder {
             region,
             base: id * SLOT_WORDS,
-            lane: (generation % 2) as usize,
+            lane: lane.filter(|&l| l < LANES),
         })
     }
 
@@ -91,14 +96,16 @@ impl HttpRecorder {
 
     /// A request started.
     pub fn start(&self) {
-        self.word(OFF_LANES + self.lane)
-            .fetch_add(1, Ordering::Relaxed);
+        if let Some(lane) = self.lane {
+            self.word(OFF_LANES + lane).fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A request finished with `status` after `elapsed`.
     pub fn finish(&self, status: u16, elapsed: Duration) {
-        self.word(OFF_LANES + self.lane)
-            .fetch_sub(1, Ordering::Relaxed);
+        if let Some(lane) = self.lane {
+            self.word(OFF_LANES + lane).fetch_sub(1, Ordering::Relaxed);
+        }
         let code = usize::from(status.clamp(100, 999)) - 100;
         self.word(code).fetch_add(1, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
@@ -251,14 +258,26 @@ impl Metrics {
 /// Per-slot process bookkeeping for CPU and memory.
 #[derive(Default)]
 struct Procs {
-    /// Live processes (active or leaving) and the slot each belongs to.
-    live: HashMap<i32, usize>,
+    /// The live worker processes as (slot, pid): a copy of the process
+    /// table's view, published by its owner after every change (see
+    /// [`PodCollector::publish`]); never edited here.
+    live: Arc<[(usize, i32)]>,
     /// CPU seconds of each slot's exited processes.
     cpu_base: Vec<f64>,
     /// Highest CPU total reported per slot (keeps the counter monotonic).
     cpu_shown: Vec<f64>,
     /// Slots that have ever run a process.
     slots: usize,
+}
+
+impl Procs {
+    fn grow(&mut self, slots: usize) {
+        self.slots = self.slots.max(slots);
+        if self.cpu_base.len() < self.slots {
+            self.cpu_base.resize(self.slots, 0.0);
+            self.cpu_shown.resize(self.slots, 0.0);
+        }
+    }
 }
 
 /// Reads, at scrape time, what lives outside the supervisor's registry.
@@ -320,29 +339,24 @@ impl PodCollector {
         *self.listener.lock().expect("not poisoned") = None;
     }
 
-    /// A process of worker `slot` started.
-    pub fn process_started(&self, slot: usize, pid: i32) {
+    /// The live worker processes now, as (slot, pid): the process table's
+    /// owner publishes this after every change.
+    pub fn publish(&self, live: Arc<[(usize, i32)]>) {
         let mut p = self.procs.lock().expect("not poisoned");
-        p.live.insert(pid, slot);
-        p.slots = p.slots.max(slot + 1);
-        let slots = p.slots;
-        if p.cpu_base.len() < slots {
-            p.cpu_base.resize(slots, 0.0);
-            p.cpu_shown.resize(slots, 0.0);
-        }
+        let slots = live.iter().map(|&(s, _)| s + 1).max().unwrap_or(0);
+        p.grow(slots);
+        p.live = live;
     }
 
-    /// A process exited after using `cpu_seconds`; `lane` is its in-flight
-    /// lane, reset in case it died mid-request.
-    pub fn process_exited(&self, pid: i32, cpu_seconds: f64, lane: Option<u64>) {
+    /// A process of worker `slot` exited after using `cpu_seconds`; `lane`
+    /// is its in-flight lane, reset in case it died mid-request.
+    pub fn process_exited(&self, slot: usize, cpu_seconds: f64, lane: Option<usize>) {
         let mut p = self.procs.lock().expect("not poisoned");
-        if let Some(slot) = p.live.remove(&pid) {
-            p.cpu_base[slot] += cpu_seconds;
-            if let (Some(http), Some(g)) = (&self.http, lane) {
-                if slot < MAX_WORKERS {
-                    http.words()[slot * SLOT_WORDS + OFF_LANES + (g % 2) as usize]
-                        .store(0, Ordering::Relaxed);
-                }
+        p.grow(slot + 1);
+        p.cpu_base[slot] += cpu_seconds;
+        if let (Some(http), Some(lane)) = (&self.http, lane) {
+            if slot < MAX_WORKERS && lane < LANES {
+                http.words()[slot * SLOT_WORDS + OFF_LANES + lane].store(0, Ordering::Relaxed);
             }
         }
     }
@@ -400,7 +414,7 @@ impl PodCollector {
             .unwrap_or(4096) as f64;
         let mut cpu = p.cpu_base.clone();
         let mut rss = vec![0.0; slots];
-        for (&pid, &slot) in &p.live {
+        for &(slot, pid) in p.live.iter() {
             if let Some((ticks, pages)) = proc_usage(pid) {
                 cpu[slot] += ticks / tick;
                 rss[slot] += pages * page;
@@ -486,8 +500,10 @@ fn http_families(words: &[AtomicU64], slots: usize) -> Vec<MetricFamily> {
         }
         count += w[OFF_COUNT].load(Ordering::Relaxed);
         sum_ns += w[OFF_SUM_NS].load(Ordering::Relaxed);
-        in_flight += w[OFF_LANES].load(Ordering::Relaxed) as i64
-            + w[OFF_LANES + 1].load(Ordering::Relaxed) as i64;
+        in_flight += w[OFF_LANES..OFF_LANES + LANES]
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed) as i64)
+            .sum::<i64>();
     }
     let mut h = proto::Histogram::default();
     let mut cumulative = 0;
@@ -571,8 +587,11 @@ mod tests {
     #[test]
     fn recorded_requests_render_per_worker_and_pod_wide() {
         let region = create_region().unwrap();
-        let a = HttpRecorder::new(region.clone(), 0, 1).unwrap();
-        let b = HttpRecorder::new(region.clone(), 1, 1).unwrap();
+        let a = HttpRecorder::new(region.clone(), 0, Some(0)).unwrap();
+        let b = HttpRecorder::new(region.clone(), 1, Some(1)).unwrap();
+        // A second process of worker 1 on another lane, one request in flight.
+        let b2 = HttpRecorder::new(region.clone(), 1, Some(2)).unwrap();
+        b2.start();
         for _ in 0..3 {
             a.start();
             a.finish(200, Duration::from_micros(300));
@@ -581,8 +600,7 @@ mod tests {
         b.finish(404, Duration::from_millis(30));
         b.start(); // still in flight
         let pod = PodCollector::new(Some(region));
-        pod.process_started(0, 1);
-        pod.process_started(1, 2);
+        pod.publish(vec![(0, 1), (1, 2), (1, 3)].into());
         let mut text = Vec::new();
         TextEncoder::new()
             .encode(&pod.collect(), &mut text)
@@ -608,15 +626,17 @@ mod tests {
             text.contains("drover_http_request_duration_seconds_count 4"),
             "{text}"
         );
-        assert!(text.contains("drover_http_requests_in_flight 1"), "{text}");
-        // The process of worker 1 dies mid-request: its in-flight lane resets.
-        pod.process_exited(2, 0.5, Some(1));
+        assert!(text.contains("drover_http_requests_in_flight 2"), "{text}");
+        // A process of worker 1 dies mid-request: its in-flight lane resets,
+        // the other process's lane is untouched.
+        pod.publish(vec![(0, 1), (1, 3)].into());
+        pod.process_exited(1, 0.5, Some(1));
         let mut text = Vec::new();
         TextEncoder::new()
             .encode(&pod.collect(), &mut text)
             .unwrap();
         let text = String::from_utf8(text).unwrap();
-        assert!(text.contains("drover_http_requests_in_flight 0"), "{text}");
+        assert!(text.contains("drover_http_requests_in_flight 1"), "{text}");
         assert!(
             text.contains("drover_worker_cpu_seconds_total{worker=\"1\"} 0.5"),
             "{text}"

@@ -9,7 +9,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::{RunArgs, Workers};
+use std::net::SocketAddr;
+
+use crate::config::{RunArgs, WorkerReady, Workers};
+use crate::supervisor::drain::DrainPolicy;
+use crate::supervisor::pool::policy::Policy;
+use crate::supervisor::pool::table::BackoffLimits;
+use crate::supervisor::pool::PoolSettings;
 use crate::contexts;
 use crate::error::{Error, Result};
 
@@ -43,11 +49,56 @@ pub enum ContextsSource {
     },
 }
 
-/// A checked configuration, ready to bind and start.
+/// Where the shared listener binds.
+#[derive(Debug, Clone)]
+pub enum ListenAt {
+    /// A TCP address, resolved.
+    Tcp(SocketAddr),
+    /// A Unix socket path (`--uds`).
+    Unix(PathBuf),
+}
+
+/// The shared listener.
+#[derive(Debug, Clone)]
+pub struct ListenPlan {
+    /// Where.
+    pub at: ListenAt,
+    /// `--backlog`.
+    pub backlog: u32,
+}
+
+/// The admin server.
+#[derive(Debug, Clone)]
+pub struct AdminPlan {
+    /// Its address, resolved.
+    pub addr: SocketAddr,
+}
+
+/// Logging, as workers get it too.
+#[derive(Debug, Clone)]
+pub struct LogPlan {
+    /// `--log-format`.
+    pub format: crate::config::LogFormat,
+    /// `--log-level`.
+    pub level: String,
+}
+
+/// A checked configuration, ready to bind and start. The parts each owner
+/// needs are typed and checked here once: the listener, the admin server,
+/// the drain, the pool's policies; `args` keeps the raw options for what
+/// only describes or watches (`drover check`, the contexts watch).
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// The options.
+    /// The options as given.
     pub args: RunArgs,
+    /// The shared listener.
+    pub listen: ListenPlan,
+    /// The admin server.
+    pub admin: AdminPlan,
+    /// The drain.
+    pub drain: DrainPolicy,
+    /// Logging.
+    pub log: LogPlan,
     /// One context per worker; its length is the worker count.
     pub contexts: Vec<Value>,
     /// Where the contexts came from, for logs.
@@ -79,6 +130,25 @@ impl Plan {
     /// Whether the app runs inside the supervisor process (no child).
     pub fn in_process(&self) -> bool {
         matches!(self.app, AppKind::Builtin) && self.workers() == 1
+    }
+
+    /// Whether external workers report readiness with sd_notify.
+    pub fn notify(&self) -> bool {
+        matches!(self.app, AppKind::Command { .. }) && self.args.worker_ready == WorkerReady::Notify
+    }
+
+    /// The pool's settings: its rules and how it tells workers to leave.
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings {
+            policy: Policy {
+                restart: self.args.restart,
+                graceful: self.drain.graceful,
+                backoff: BackoffLimits::default(),
+                lanes: crate::metrics::LANES,
+            },
+            stop_signal: self.args.stop_signal.signo,
+            ready_when_running: self.args.worker_ready == WorkerReady::Running,
+        }
     }
 }
 
@@ -170,14 +240,35 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
             Some(token)
         }
     };
-    if let Some(uds) = &args.uds {
-        if uds.as_os_str().is_empty() {
-            return Err(Error::Config("--uds needs a path".into()));
-        }
-    }
+    // Resolved here, so that `drover check` fails exactly when a run would.
+    let listen = ListenPlan {
+        at: match &args.uds {
+            Some(uds) if uds.as_os_str().is_empty() => {
+                return Err(Error::Config("--uds needs a path".into()))
+            }
+            Some(uds) => ListenAt::Unix(uds.clone()),
+            None => ListenAt::Tcp(crate::listener::resolve(&args.host, args.port, "")?),
+        },
+        backlog: args.backlog,
+    };
+    let admin = AdminPlan {
+        addr: crate::listener::resolve(&args.admin_host, args.admin_port, " (admin)")?,
+    };
+    let drain = DrainPolicy {
+        delay: args.drain_delay,
+        graceful: args.graceful_timeout,
+    };
+    let log = LogPlan {
+        format: args.log_format,
+        level: args.log_level.clone(),
+    };
     let per_worker = matches!(loaded, contexts::Contexts::PerWorker(_));
     Ok(Plan {
         per_worker,
+        listen,
+        admin,
+        drain,
+        log,
         args,
         contexts,
         contexts_origin: origin,

@@ -5,11 +5,12 @@
 //! polling tick); the supervisor pushes it to worker processes over their
 //! control sockets in the same turn of its event loop.
 //!
-//! This module never decides what a drain does; `supervisor` owns that.
+//! This module is only the flag: it never decides what a drain does
+//! (`supervisor::drain` owns that), and the library's `stop()` lives with
+//! the library API (`app`).
 
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
@@ -104,54 +105,6 @@ impl StopFlag {
                 std::future::pending::<()>().await;
             }
         }
-    }
-}
-
-/// How this process reaches the flag, set once when drover starts serving.
-#[derive(Debug)]
-pub(crate) enum Stopper {
-    /// The app runs inside the supervisor: set the flag directly.
-    InProcess(StopFlag),
-    /// The app runs in a worker process: tell the supervisor over the
-    /// worker's control socket (`DROVER_STOP_FD`).
-    Worker(UnixStream),
-}
-
-static STOPPER: OnceLock<Stopper> = OnceLock::new();
-static DRAINING: AtomicBool = AtomicBool::new(false);
-
-pub(crate) fn install(stopper: Stopper) {
-    let _ = STOPPER.set(stopper);
-}
-
-pub(crate) fn mark_draining() {
-    DRAINING.store(true, Ordering::Release);
-}
-
-/// Stops the whole service, like mpservice's `stop_server`: callable from any
-/// handler of a library app, in-process or in a worker process. Every worker
-/// and the supervisor then drain as after `POST /admin/stop`. Returns false
-/// when the calling process is not serving under drover (nothing to stop).
-pub fn stop() -> bool {
-    match STOPPER.get() {
-        Some(Stopper::InProcess(flag)) => {
-            flag.request(StopSource::Worker);
-            true
-        }
-        Some(Stopper::Worker(sock)) => {
-            use std::io::Write;
-            (&*sock).write_all(crate::worker::MSG_STOP).is_ok()
-        }
-        None => false,
-    }
-}
-
-/// Whether the service is draining (the flag is set), as far as this process
-/// has been told. Lets a handler refuse new long jobs during a drain.
-pub fn is_draining() -> bool {
-    match STOPPER.get() {
-        Some(Stopper::InProcess(flag)) => flag.is_set(),
-        _ => DRAINING.load(Ordering::Acquire),
     }
 }
 

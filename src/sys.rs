@@ -487,14 +487,14 @@ pub struct Exited {
     pub cpu_seconds: f64,
 }
 
-/// Reaps one exited child without blocking (`wait4(-1, WNOHANG)`), so its
-/// CPU time can be kept in the per-worker counters.
-pub fn reap_one() -> Option<Exited> {
+/// Reaps child `pid` (or any child, for -1) if it has exited, without
+/// blocking (`wait4(pid, WNOHANG)`), with the CPU time it used.
+pub fn reap(target: libc::pid_t) -> Option<Exited> {
     loop {
         let mut status = 0;
         // SAFETY: wait4 writes the status and the rusage we own.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut ru) };
+        let pid = unsafe { libc::wait4(target, &mut status, libc::WNOHANG, &mut ru) };
         if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         }
@@ -516,6 +516,38 @@ pub fn reap_one() -> Option<Exited> {
             cpu_seconds: secs(ru.ru_utime) + secs(ru.ru_stime),
         });
     }
+}
+
+/// Blocks `signals` in the calling thread (and in every thread it starts
+/// later), so that a signal that arrives before its handler exists waits
+/// instead of taking its default action (a TERM in drover's first
+/// milliseconds must start a drain, not kill it).
+pub fn block_signals(signals: &[libc::c_int]) {
+    set_mask(libc::SIG_BLOCK, signals);
+}
+
+/// Unblocks `signals` in the calling thread: pending ones are delivered now.
+pub fn unblock_signals(signals: &[libc::c_int]) {
+    set_mask(libc::SIG_UNBLOCK, signals);
+}
+
+fn set_mask(how: libc::c_int, signals: &[libc::c_int]) {
+    // SAFETY: the set is a local we initialise before use; pthread_sigmask
+    // only reads it and changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// The realtime signals applications may use (`SIGRTMIN..=SIGRTMAX`, past
+/// the ones the C library keeps for itself).
+pub fn realtime_signals() -> std::ops::RangeInclusive<libc::c_int> {
+    libc::SIGRTMIN()..=libc::SIGRTMAX()
 }
 
 #[cfg(test)]

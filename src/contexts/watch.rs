@@ -119,7 +119,6 @@ impl ContextsWatch {
             }
         }
         self.text = text;
-        self.per_worker = matches!(parsed, contexts::Contexts::PerWorker(_));
         self.metrics
             .contexts_reloads
             .with_label_values(&["success"])
@@ -132,6 +131,9 @@ impl ContextsWatch {
             );
             return Ok(None);
         }
+        // Only contexts in force decide whether SIGTTIN/SIGTTOU may change
+        // the count (an ignored change does not).
+        self.per_worker = matches!(parsed, contexts::Contexts::PerWorker(_));
         self.metrics.set_contexts(self.source, &u.version);
         tracing::info!(
             version = u.version,

@@ -1,0 +1,530 @@
+//! N worker processes sharing the listener: the event loop. It turns each
+//! event (an exit, a control message, READY=1, a signal, new contexts, a
+//! timer) into a call of the rules ([`policy::Lifecycle`]) and carries out
+//! the [`Action`]s they return with the mechanism ([`spawn`], [`procs`]).
+//! It decides nothing itself.
+//!
+//! # Threads
+//! The loop runs on the main thread (the `block_on` future, never a spawned
+//! task) and forks only from there: a worker's parent-death signal is tied
+//! to the thread that forked it.
+//!
+//! [`procs`]: super::procs
+
+pub mod policy;
+pub mod spawn;
+pub mod table;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::Signal;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use self::policy::{Action, Lifecycle};
+use self::spawn::Spawner;
+use super::drain::Serving;
+use super::procs;
+use super::Control;
+use crate::config::Restart;
+use crate::contexts::watch::ContextsWatch;
+use crate::control::{SupervisorEnd, ToSupervisor, ToWorker};
+use crate::error::{Error, Result};
+use crate::listener::Listener;
+use crate::metrics::Metrics;
+use crate::stop::{StopFlag, StopSource};
+
+/// Settings of the pool, from the plan.
+pub struct PoolSettings {
+    /// The rules' settings.
+    pub policy: policy::Policy,
+    /// `--stop-signal`.
+    pub stop_signal: libc::c_int,
+    /// External workers are up once running (`--worker-ready running`).
+    pub ready_when_running: bool,
+}
+
+/// A message from a worker's control socket, or a `READY=1`.
+enum Message {
+    Control(i32, ToSupervisor),
+    Notified(i32),
+}
+
+/// How long the exit sweep may take to kill and reap what is left.
+const SWEEP_LIMIT: Duration = Duration::from_secs(5);
+
+/// The pool: the rules' state and the OS handles they act on.
+pub struct Pool {
+    lc: Lifecycle<Option<SupervisorEnd>>,
+    spawner: Spawner,
+    /// The supervisor's copy of the socket: kept to start replacements,
+    /// closed when accepting stops.
+    listener: Option<Listener>,
+    settings: PoolSettings,
+    flag: StopFlag,
+    metrics: Metrics,
+    /// What `/readyz` reads.
+    workers_up: Arc<AtomicBool>,
+    sigchld: Signal,
+    messages_tx: mpsc::UnboundedSender<Message>,
+    messages: mpsc::UnboundedReceiver<Message>,
+}
+
+impl Pool {
+    /// A pool that will start one worker per context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: PoolSettings,
+        contexts: &[serde_json::Value],
+        per_worker: bool,
+        spawner: Spawner,
+        listener: Listener,
+        flag: StopFlag,
+        metrics: Metrics,
+        workers_up: Arc<AtomicBool>,
+        sigchld: Signal,
+    ) -> Pool {
+        let (messages_tx, messages) = mpsc::unbounded_channel();
+        let lc = Lifecycle::new(settings.policy.clone(), contexts, per_worker, Instant::now());
+        Pool {
+            lc,
+            spawner,
+            listener: Some(listener),
+            settings,
+            flag,
+            metrics,
+            workers_up,
+            sigchld,
+            messages_tx,
+            messages,
+        }
+    }
+
+    /// Listens for `READY=1` from the workers (sd_notify): sets their
+    /// `NOTIFY_SOCKET`.
+    pub fn listen_for_notify(&mut self) -> Result<()> {
+        let socket = crate::notify::NotifySocket::bind()
+            .map_err(|e| Error::io("cannot bind the NOTIFY_SOCKET for --worker-ready notify", e))?;
+        self.spawner.notify_socket = Some(socket.env_value.clone());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(socket.run(tx));
+        let messages = self.messages_tx.clone();
+        tokio::spawn(async move {
+            while let Some(pid) = rx.recv().await {
+                if messages.send(Message::Notified(pid)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Starts every worker once: a command that cannot be executed at all is
+    /// a configuration error, not a crash loop.
+    pub async fn start(&mut self) -> Result<()> {
+        for slot in 0..self.lc.table.slots.len() {
+            if let Err(e) = self.spawn(slot) {
+                let err = self.spawner.start_error(e);
+                tracing::error!(worker = slot, "{err}");
+                let actions = self.lc.kill_all(Instant::now());
+                self.execute(actions);
+                self.reap_until(Instant::now() + SWEEP_LIMIT).await;
+                self.sweep();
+                return Err(err);
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Runs until the stop flag is set (returns who set it) or, with
+    /// `--restart never`/`on-failure`, until every worker is gone for good
+    /// (returns the exit code).
+    pub async fn run(
+        &mut self,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+        watch: &mut ContextsWatch,
+    ) -> std::result::Result<StopSource, u8> {
+        let flag = self.flag.clone();
+        let stopped = flag.wait();
+        tokio::pin!(stopped);
+        loop {
+            let actions = self.lc.settle(Instant::now());
+            self.execute(actions);
+            self.publish();
+            if let Some(failed) = self.lc.over() {
+                tracing::info!(
+                    restart = ?self.settings.policy.restart,
+                    "every worker has exited and none is to be restarted: exiting"
+                );
+                self.sweep();
+                return Err(if failed { crate::error::exit::KILLED } else { crate::error::exit::OK });
+            }
+            let next = self.lc.next_wakeup();
+            tokio::select! {
+                biased;
+                source = &mut stopped => return Ok(source),
+                _ = self.sigchld.recv() => self.reap(),
+                Some(m) = self.messages.recv() => self.on_message(m),
+                Some(c) = control.recv() => self.on_control(c),
+                Some(contexts) = watch.next(false) => {
+                    let per_worker = watch.per_worker;
+                    let actions = self.lc.contexts_changed(&contexts, per_worker, Instant::now());
+                    self.execute(actions);
+                    if self.lc.rolling() {
+                        tracing::info!("new worker contexts: rolling restart, one worker at a time");
+                    }
+                }
+                _ = sleep_until_opt(next) => {}
+            }
+        }
+    }
+
+    fn on_control(&mut self, c: Control) {
+        let now = Instant::now();
+        let actions = match c {
+            Control::Hup => {
+                if !self.lc.draining() {
+                    tracing::info!("SIGHUP: rolling restart, one worker at a time");
+                }
+                self.lc.hup();
+                vec![]
+            }
+            Control::Ttin => {
+                let before = self.lc.table.desired();
+                let a = self.lc.add_worker(now);
+                if self.lc.table.desired() > before {
+                    tracing::info!(workers = self.lc.table.desired(), "SIGTTIN: adding a worker");
+                }
+                a
+            }
+            Control::Ttou => {
+                let before = self.lc.table.desired();
+                let a = self.lc.remove_worker(now);
+                if self.lc.table.desired() < before {
+                    tracing::info!(workers = self.lc.table.desired(), "SIGTTOU: removing a worker");
+                }
+                a
+            }
+            Control::Forward(sig) => {
+                // To each worker's own process group (its pid: a worker
+                // leads its group), which includes the worker itself.
+                for (&pid, p) in &self.lc.table.procs {
+                    if p.slot.is_some() {
+                        crate::sys::kill_group(pid, sig);
+                    }
+                }
+                tracing::debug!(signal = sig, "forwarded to every worker");
+                vec![]
+            }
+        };
+        self.execute(actions);
+    }
+
+    fn on_message(&mut self, m: Message) {
+        match m {
+            Message::Control(pid, ToSupervisor::Ready) => self.lc.ready(pid),
+            // A stop from any process of the table counts, whether it is
+            // current, replaced or leaving (bug: a replaced worker's stop was
+            // dropped).
+            Message::Control(pid, ToSupervisor::Stop) => {
+                let worker = self.lc.table.procs.get(&pid).and_then(|p| p.slot);
+                if self.flag.request(StopSource::Worker) {
+                    tracing::info!(?worker, pid, "worker asked to stop the service: draining");
+                }
+            }
+            Message::Notified(pid) => self.on_notified_ready(pid),
+        }
+    }
+
+    /// A process reported `READY=1`: the worker it is (or descends from) is up.
+    fn on_notified_ready(&mut self, pid: i32) {
+        let mut p = pid;
+        for _ in 0..16 {
+            if let Some(proc) = self.lc.table.procs.get(&p) {
+                if let Some(slot) = proc.slot {
+                    if proc.phase == table::Phase::Starting {
+                        tracing::info!(worker = slot, pid = p, "worker reported READY=1");
+                    }
+                    self.lc.ready(p);
+                }
+                return;
+            }
+            match crate::notify::parent_of(p) {
+                Some(parent) if parent > 1 => p = parent,
+                _ => break,
+            }
+        }
+        tracing::debug!(pid, "READY=1 from a process that is no current worker");
+    }
+
+    /// Carries out `actions` (and what they lead to).
+    fn execute(&mut self, actions: Vec<Action>) {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            match a {
+                Action::Spawn { slot } => {
+                    if let Err(e) = self.spawn(slot) {
+                        let err = self.spawner.start_error(e);
+                        tracing::error!(worker = slot, "worker could not be started: {err}");
+                        queue.extend(self.lc.spawn_failed(slot, Instant::now()));
+                    }
+                }
+                Action::Leave { pid } => self.leave(pid),
+                Action::Kill { pid } => {
+                    let slot = self.lc.table.procs.get(&pid).and_then(|p| p.slot);
+                    match slot {
+                        Some(w) => tracing::warn!(worker = w, pid, "outlived --graceful-timeout: SIGKILL"),
+                        None => tracing::warn!(pid, "a worker's leftover process outlived --graceful-timeout: SIGKILL"),
+                    }
+                    procs::signal_with_group(pid, libc::SIGKILL);
+                }
+                Action::Restart { slot, delay } => {
+                    self.metrics
+                        .worker_restarts
+                        .with_label_values(&[&slot.to_string()])
+                        .inc();
+                    if self.settings.policy.restart != Restart::Never && !delay.is_zero() {
+                        tracing::info!(worker = slot, delay = ?delay, "restarting worker after backoff");
+                    }
+                }
+                Action::RollDone => tracing::info!("rolling restart done"),
+                Action::Refused(why) => tracing::warn!("{why}"),
+            }
+        }
+    }
+
+    /// Starts a process for `slot`.
+    fn spawn(&mut self, slot: usize) -> std::io::Result<()> {
+        let Some(listener) = &self.listener else {
+            return Ok(());
+        };
+        let lane = self.lc.free_lane(slot);
+        let workers = self.lc.table.desired();
+        let context = self.lc.table.slots[slot].context.clone();
+        let tx = self.messages_tx.clone();
+        let pid_cell = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let cell = pid_cell.clone();
+        let started = self.spawner.spawn(listener.raw_fd(), slot, workers, &context, lane, move |m| {
+            tx.send(Message::Control(cell.load(Ordering::Acquire), m)).is_ok()
+        })?;
+        pid_cell.store(started.pid, Ordering::Release);
+        let ready = !self.spawner.own() && self.settings.ready_when_running;
+        self.lc
+            .spawned(slot, started.pid, lane, ready, Some(started.ctl), Instant::now());
+        self.metrics
+            .worker_restarts
+            .with_label_values(&[&slot.to_string()]);
+        let generation = self.lc.table.slots[slot].generation;
+        tracing::info!(worker = slot, pid = started.pid, generation, "worker started");
+        Ok(())
+    }
+
+    /// Tells `pid` to leave: drover's own workers stop accepting and finish;
+    /// anything else gets `--stop-signal`.
+    fn leave(&self, pid: i32) {
+        let Some(p) = self.lc.table.procs.get(&pid) else { return };
+        match (&p.handle, p.slot, self.spawner.own()) {
+            (Some(ctl), Some(_), true) => ctl.send(ToWorker::StopAccepting),
+            _ => procs::signal(pid, self.settings.stop_signal),
+        }
+    }
+
+    /// Reaps every exited child. A worker's exit is looked at before it is
+    /// reaped: what it left in its process group is told to stop while the
+    /// group id is still surely its own; what it left is then adopted.
+    fn reap(&mut self) {
+        let mut any_worker = false;
+        while let Some(pid) = procs::peek_exited() {
+            let worker = self.lc.table.procs.get(&pid).and_then(|p| p.slot);
+            if worker.is_some() {
+                // Its group's id is still the zombie's pid: only its own
+                // group can have it.
+                crate::sys::kill_group(pid, self.settings.stop_signal);
+                any_worker = true;
+            }
+            let Some(exited) = crate::sys::reap(pid) else { break };
+            self.exited(exited);
+        }
+        if any_worker || self.lc.table.procs.values().any(|p| p.slot.is_none()) {
+            self.adopt_orphans();
+        }
+    }
+
+    fn exited(&mut self, exited: crate::sys::Exited) {
+        let pid = exited.pid;
+        let (how, failed) = match (exited.code, exited.signal) {
+            (Some(code), _) => (format!("exit code {code}"), code != 0),
+            (None, sig) => (format!("signal {}", sig.unwrap_or(0)), true),
+        };
+        let (proc, actions) = self.lc.exited(pid, failed, Instant::now());
+        match proc {
+            None => tracing::debug!(pid, "reaped {how} of an orphaned descendant"),
+            Some(p) => match (p.slot, p.phase) {
+                (None, _) => tracing::info!(pid, "a worker's leftover process exited ({how})"),
+                (Some(slot), phase) => {
+                    self.metrics
+                        .pod
+                        .process_exited(slot, exited.cpu_seconds, p.lane);
+                    if self.lc.draining() {
+                        tracing::info!(worker = slot, pid, "worker exited ({how})");
+                    } else if matches!(phase, table::Phase::Leaving { .. } | table::Phase::Replaced) {
+                        tracing::info!(worker = slot, pid, "replaced worker exited ({how})");
+                    } else {
+                        tracing::warn!(worker = slot, pid, "worker exited on its own ({how})");
+                    }
+                }
+            },
+        }
+        self.execute(actions);
+    }
+
+    /// Children of drover that are not in the table were left behind by a
+    /// worker (reparented to drover, its subreaper): they get `--stop-signal`
+    /// and `--graceful-timeout`.
+    fn adopt_orphans(&mut self) {
+        let now = Instant::now();
+        for pid in procs::children() {
+            if !self.lc.table.procs.contains_key(&pid) {
+                tracing::info!(pid, "a worker left this process behind: sent it --stop-signal");
+                let actions = self.lc.adopt(pid, None, now);
+                self.execute(actions);
+            }
+        }
+    }
+
+    /// Reaps exits (nothing restarts: drain or start-up) until the table is
+    /// empty or `until`; deadlines on the way are enforced.
+    async fn reap_until(&mut self, until: Instant) {
+        while !self.lc.table.procs.is_empty() && Instant::now() < until {
+            let next = self.lc.next_wakeup().map_or(until, |t| t.min(until));
+            tokio::select! {
+                _ = self.sigchld.recv() => self.reap(),
+                Some(m) = self.messages.recv() => self.on_message(m),
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            let actions = self.lc.settle(Instant::now());
+            self.execute(actions);
+            self.publish();
+        }
+    }
+
+    /// Nothing drover or its workers started outlives it: SIGKILL to every
+    /// descendant left (children first, then the orphans that makes).
+    fn sweep(&mut self) {
+        for e in procs::kill_descendants(SWEEP_LIMIT) {
+            let _ = self.lc.exited(e.pid, true, Instant::now());
+            tracing::warn!(pid = e.pid, "killed a process left behind at exit");
+        }
+    }
+
+    /// Publishes what the table says: readiness, counts, the metrics' view.
+    fn publish(&self) {
+        let t = &self.lc.table;
+        self.workers_up
+            .store(t.all_up() && !self.lc.draining(), Ordering::Release);
+        self.metrics.workers_running.set(t.workers_alive() as i64);
+        self.metrics.workers_desired.set(t.desired() as i64);
+        self.metrics.pod.publish(t.view().into());
+    }
+}
+
+impl Serving for Pool {
+    fn announce(&mut self) {
+        self.lc.begin_drain();
+        self.workers_up.store(false, Ordering::Release);
+        if self.spawner.own() {
+            for p in self.lc.table.procs.values() {
+                if let Some(ctl) = &p.handle {
+                    ctl.send(ToWorker::Draining);
+                }
+            }
+        }
+    }
+
+    async fn keep_serving(&mut self, until: Instant) {
+        while Instant::now() < until {
+            tokio::select! {
+                _ = self.sigchld.recv() => self.reap(),
+                Some(m) = self.messages.recv() => self.on_message(m),
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            self.publish();
+        }
+    }
+
+    async fn stop_accepting(&mut self, deadline: Instant) {
+        self.metrics.pod.forget_listener();
+        if let Some(l) = self.listener.take() {
+            if let Err(e) = l.stop_new() {
+                tracing::warn!(error = %e, "cannot shut new connections out of the shared socket");
+            }
+            if !self.spawner.own() {
+                // An external worker told to stop exits without emptying the
+                // accept queue (gunicorn, uvicorn): let the workers, still
+                // accepting, take every queued connection first. Nothing new
+                // can join the queue, so it only shrinks.
+                self.wait_queue_empty(&l, deadline).await;
+            }
+        }
+        let actions = self.lc.stop_accepting(deadline);
+        self.execute(actions);
+    }
+
+    async fn finish(&mut self, deadline: Instant) -> bool {
+        self.reap_until(deadline).await;
+        self.lc.table.procs.is_empty() && !self.lc.killed_in_drain()
+    }
+
+    async fn kill_rest(&mut self) {
+        let left: Vec<i32> = self.lc.table.procs.keys().copied().collect();
+        if !left.is_empty() {
+            tracing::warn!(pids = ?left, "outlived --graceful-timeout: SIGKILL");
+        }
+        let actions = self.lc.kill_all(Instant::now());
+        for a in actions {
+            if let Action::Kill { pid } = a {
+                procs::signal_with_group(pid, libc::SIGKILL);
+            }
+        }
+        self.reap_until(Instant::now() + SWEEP_LIMIT).await;
+    }
+
+    fn sweep(&mut self) {
+        Pool::sweep(self);
+        self.publish();
+    }
+}
+
+impl Pool {
+    /// Waits (bounded by `deadline`) until the accept queue is empty.
+    async fn wait_queue_empty(&mut self, l: &Listener, deadline: Instant) {
+        let Some(first) = l.queued() else { return };
+        if first == 0 {
+            return;
+        }
+        tracing::info!(
+            queued = first,
+            "letting the workers accept the connections already queued"
+        );
+        while l.queued().unwrap_or(0) > 0
+            && Instant::now() < deadline
+            && self.lc.table.workers_alive() > 0
+        {
+            tokio::select! {
+                _ = self.sigchld.recv() => self.reap(),
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,867 @@
+//! The pool's rules as a pure state machine over the [process table]:
+//! whether and when a worker is restarted (policy and backoff, failed starts
+//! included), how a roll replaces one worker at a time, what SIGTTIN, SIGTTOU
+//! and a contexts change do to the slots, what the drain tells each process,
+//! when something overdue is killed, and when the pool is over. Each entry
+//! point takes the time and returns [`Action`]s; the event loop (`pool`)
+//! carries them out. Nothing here makes a system call, so a test can drive
+//! any sequence of events (see the model test below).
+//!
+//! [process table]: super::table
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::table::{BackoffLimits, Phase, Pid, Proc, Slot, Table};
+use crate::config::{Restart, MAX_WORKERS};
+
+/// Settings the rules need.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// `--restart`.
+    pub restart: Restart,
+    /// `--graceful-timeout`: how long a leaving process has.
+    pub graceful: Duration,
+    /// Restart backoff.
+    pub backoff: BackoffLimits,
+    /// In-flight lanes per slot in the metrics region.
+    pub lanes: usize,
+}
+
+/// What the event loop must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start a process for `slot` (then report [`Lifecycle::spawned`] or
+    /// [`Lifecycle::spawn_failed`]).
+    Spawn {
+        /// The slot.
+        slot: usize,
+    },
+    /// Tell `pid` to leave: stop accepting and finish (drover's own
+    /// workers), else `--stop-signal`.
+    Leave {
+        /// The process.
+        pid: Pid,
+    },
+    /// SIGKILL `pid` and its process group: its deadline passed.
+    Kill {
+        /// The process.
+        pid: Pid,
+    },
+    /// Slot `slot` restarts after `delay` (log and count it).
+    Restart {
+        /// The slot.
+        slot: usize,
+        /// Its backoff.
+        delay: Duration,
+    },
+    /// A roll finished: every slot it named was replaced.
+    RollDone,
+    /// A request was refused (log it).
+    Refused(&'static str),
+}
+
+/// The pool's state: the table, the roll in progress, the drain.
+#[derive(Debug)]
+pub struct Lifecycle<H> {
+    /// The rules' settings.
+    pub policy: Policy,
+    /// The one process table.
+    pub table: Table<H>,
+    /// Slots a roll still has to replace, in order (the one being replaced
+    /// now is the slot with a [`Phase::Replaced`] process).
+    roll: Option<VecDeque<usize>>,
+    /// The stop flag is set: nothing is started any more.
+    draining: bool,
+    /// The contexts in force give one item per worker (they fix the count).
+    per_worker: bool,
+    /// Something was SIGKILLed during the drain (exit code 1).
+    killed_in_drain: bool,
+    /// Once accepting stopped: nothing lives past this.
+    drain_deadline: Option<Instant>,
+}
+
+impl<H> Lifecycle<H> {
+    /// A pool of one slot per context, all to be started at `now`.
+    pub fn new(
+        policy: Policy,
+        contexts: &[serde_json::Value],
+        per_worker: bool,
+        now: Instant,
+    ) -> Self {
+        Lifecycle {
+            policy,
+            table: Table::new(contexts, now),
+            roll: None,
+            draining: false,
+            per_worker,
+            killed_in_drain: false,
+            drain_deadline: None,
+        }
+    }
+
+    /// Whether a roll is in progress.
+    pub fn rolling(&self) -> bool {
+        self.roll.is_some()
+    }
+
+    /// Whether the drain has begun.
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Whether something had to be killed during the drain.
+    pub fn killed_in_drain(&self) -> bool {
+        self.killed_in_drain
+    }
+
+    /// A process for `slot` was started as `pid`; `ready` when it counts as
+    /// up at once (`--worker-ready running`).
+    pub fn spawned(&mut self, slot: usize, pid: Pid, lane: Option<usize>, ready: bool, handle: H, now: Instant) {
+        let s = &mut self.table.slots[slot];
+        s.generation += 1;
+        s.restart_at = None;
+        let generation = s.generation;
+        self.table.procs.insert(
+            pid,
+            Proc {
+                slot: Some(slot),
+                generation,
+                phase: if ready { Phase::Ready } else { Phase::Starting },
+                lane,
+                started: now,
+                handle,
+            },
+        );
+    }
+
+    /// A start of `slot` failed (fork or exec): it counts as a run of no
+    /// length, so it backs off like a crash (bug: it was retried at once).
+    pub fn spawn_failed(&mut self, slot: usize, now: Instant) -> Vec<Action> {
+        let s = &mut self.table.slots[slot];
+        s.last_failed = true;
+        if self.policy.restart == Restart::Never || self.draining || s.removed {
+            return vec![];
+        }
+        let delay = s.backoff.next_delay(Duration::ZERO, &self.policy.backoff);
+        s.restart_at = Some(now + delay);
+        vec![Action::Restart { slot, delay }]
+    }
+
+    /// Lanes a new process of `slot` may take.
+    pub fn free_lane(&self, slot: usize) -> Option<usize> {
+        self.table.free_lane(slot, self.policy.lanes)
+    }
+
+    /// `pid` says it is up.
+    pub fn ready(&mut self, pid: Pid) {
+        if let Some(p) = self.table.procs.get_mut(&pid) {
+            if p.phase == Phase::Starting {
+                p.phase = Phase::Ready;
+            }
+        }
+    }
+
+    /// `pid` was reaped; returns its entry (None if it was not in the table)
+    /// and what follows.
+    pub fn exited(&mut self, pid: Pid, failed: bool, now: Instant) -> (Option<Proc<H>>, Vec<Action>) {
+        let Some(proc) = self.table.procs.remove(&pid) else {
+            return (None, vec![]);
+        };
+        let mut actions = vec![];
+        if let (Some(slot), Phase::Starting | Phase::Ready) = (proc.slot, proc.phase) {
+            // The slot's current process is gone.
+            let s = &mut self.table.slots[slot];
+            s.last_failed = failed;
+            let restart = match self.policy.restart {
+                Restart::Always => true,
+                Restart::OnFailure => failed,
+                Restart::Never => false,
+            };
+            if restart && !self.draining && !s.removed {
+                let ran = now.saturating_duration_since(proc.started);
+                let delay = s.backoff.next_delay(ran, &self.policy.backoff);
+                s.restart_at = Some(now + delay);
+                actions.push(Action::Restart { slot, delay });
+            }
+        }
+        (Some(proc), actions)
+    }
+
+    /// A descendant a worker left behind became drover's child: it is told
+    /// to leave and has `--graceful-timeout` (in a drain: at most until the
+    /// drain's deadline, which `stop_accepting` set on everything else).
+    pub fn adopt(&mut self, pid: Pid, handle: H, now: Instant) -> Vec<Action> {
+        if self.table.procs.contains_key(&pid) {
+            return vec![];
+        }
+        let mut deadline = now + self.policy.graceful;
+        if let Some(d) = self.drain_deadline {
+            deadline = deadline.min(d);
+        }
+        self.table.procs.insert(
+            pid,
+            Proc {
+                slot: None,
+                generation: 0,
+                phase: Phase::Leaving {
+                    deadline,
+                    killed: false,
+                },
+                lane: None,
+                started: now,
+                handle,
+            },
+        );
+        vec![Action::Leave { pid }]
+    }
+
+    /// SIGHUP: replace every worker, one at a time.
+    pub fn hup(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.roll = Some(self.table.active_slots().collect());
+    }
+
+    /// SIGTTIN: one more worker (gunicorn's convention).
+    pub fn add_worker(&mut self, now: Instant) -> Vec<Action> {
+        if self.draining {
+            return vec![];
+        }
+        if self.per_worker {
+            return vec![Action::Refused(
+                "SIGTTIN ignored: the contexts give one item per worker, so they fix the count",
+            )];
+        }
+        if self.table.desired() >= MAX_WORKERS {
+            return vec![Action::Refused(
+                "SIGTTIN ignored: 1024 workers is the most one drover runs",
+            )];
+        }
+        match self.table.slots.iter().position(|s| s.removed) {
+            Some(i) => {
+                let s = &mut self.table.slots[i];
+                s.removed = false;
+                s.restart_at = Some(now);
+                s.backoff = Default::default();
+            }
+            None => {
+                let context = self.table.slots[0].context.clone();
+                self.table.slots.push(Slot::new(context, now));
+            }
+        }
+        vec![]
+    }
+
+    /// SIGTTOU: one worker fewer, never below one.
+    pub fn remove_worker(&mut self, now: Instant) -> Vec<Action> {
+        if self.draining {
+            return vec![];
+        }
+        if self.per_worker {
+            return vec![Action::Refused(
+                "SIGTTOU ignored: the contexts give one item per worker, so they fix the count",
+            )];
+        }
+        let active: Vec<usize> = self.table.active_slots().collect();
+        if active.len() <= 1 {
+            return vec![Action::Refused("SIGTTOU ignored: one worker is the minimum")];
+        }
+        self.remove_slot(active[active.len() - 1], now)
+    }
+
+    /// Takes `slot` out of the pool: every process of it leaves, the one
+    /// being replaced and its successor alike (bug: the replaced one served
+    /// on forever and the roll stalled).
+    fn remove_slot(&mut self, slot: usize, now: Instant) -> Vec<Action> {
+        let s = &mut self.table.slots[slot];
+        s.removed = true;
+        s.restart_at = None;
+        if let Some(r) = &mut self.roll {
+            r.retain(|&q| q != slot);
+        }
+        let deadline = now + self.policy.graceful;
+        self.leave_where(|p| p.slot == Some(slot), deadline)
+    }
+
+    /// Every process matching `which` that is not leaving yet leaves, with
+    /// `deadline` (an earlier deadline already set is kept).
+    fn leave_where(&mut self, which: impl Fn(&Proc<H>) -> bool, deadline: Instant) -> Vec<Action> {
+        let mut actions = vec![];
+        for (&pid, p) in self.table.procs.iter_mut().filter(|(_, p)| which(p)) {
+            match &mut p.phase {
+                Phase::Leaving { deadline: d, .. } => *d = (*d).min(deadline),
+                phase => {
+                    *phase = Phase::Leaving {
+                        deadline,
+                        killed: false,
+                    };
+                    actions.push(Action::Leave { pid });
+                }
+            }
+        }
+        actions
+    }
+
+    /// New contexts are in force: slots are added or removed to match their
+    /// count, and the workers whose context changed (all, if the count
+    /// changed, since `DROVER_WORKERS` did) are rolled.
+    pub fn contexts_changed(&mut self, contexts: &[serde_json::Value], per_worker: bool, now: Instant) -> Vec<Action> {
+        self.per_worker = per_worker;
+        if self.draining {
+            return vec![];
+        }
+        let resized = self.table.desired() != contexts.len();
+        let mut changed = vec![];
+        for (i, ctx) in contexts.iter().enumerate() {
+            match self.table.slots.get_mut(i) {
+                Some(s) if s.removed => {
+                    s.removed = false;
+                    s.restart_at = Some(now);
+                    s.backoff = Default::default();
+                    s.context = ctx.clone();
+                }
+                Some(s) => {
+                    if s.context != *ctx || resized {
+                        changed.push(i);
+                    }
+                    s.context = ctx.clone();
+                }
+                None => self.table.slots.push(Slot::new(ctx.clone(), now)),
+            }
+        }
+        let mut actions = vec![];
+        for i in contexts.len()..self.table.slots.len() {
+            if !self.table.slots[i].removed {
+                actions.extend(self.remove_slot(i, now));
+            }
+        }
+        if !changed.is_empty() {
+            // A roll in progress is replaced by this one; the replacement
+            // under way finishes first.
+            self.roll = Some(changed.into());
+        }
+        actions
+    }
+
+    /// Brings the pool forward at `now`: the roll, due starts, overdue
+    /// processes. Called after every event.
+    pub fn settle(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = vec![];
+        if !self.draining {
+            self.advance_roll(now, &mut actions);
+            for slot in 0..self.table.slots.len() {
+                let s = &self.table.slots[slot];
+                if s.removed || !s.restart_at.is_some_and(|t| t <= now) {
+                    continue;
+                }
+                if self.table.current(slot).is_none() {
+                    self.table.slots[slot].restart_at = None;
+                    actions.push(Action::Spawn { slot });
+                }
+            }
+        }
+        for (&pid, p) in self.table.procs.iter_mut() {
+            if let Phase::Leaving {
+                deadline,
+                killed: killed @ false,
+            } = &mut p.phase
+            {
+                if *deadline <= now {
+                    *killed = true;
+                    self.killed_in_drain |= self.draining;
+                    actions.push(Action::Kill { pid });
+                }
+            }
+        }
+        actions
+    }
+
+    /// One step of the roll: a replaced process leaves once its successor is
+    /// up; then the next slot's process is replaced.
+    fn advance_roll(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        loop {
+            let Some(queue) = &mut self.roll else { return };
+            let replacing = self
+                .table
+                .slots
+                .iter()
+                .enumerate()
+                .find_map(|(i, _)| self.table.replaced(i).map(|pid| (i, pid)));
+            if let Some((slot, old)) = replacing {
+                let successor = self.table.current(slot).map(|p| self.table.procs[&p].phase);
+                match successor {
+                    Some(Phase::Ready) => {
+                        let deadline = now + self.policy.graceful;
+                        self.table.procs.get_mut(&old).expect("in the table").phase = Phase::Leaving {
+                            deadline,
+                            killed: false,
+                        };
+                        actions.push(Action::Leave { pid: old });
+                        continue;
+                    }
+                    // Booting, or exited and due to restart: wait for it.
+                    Some(_) => return,
+                    None if self.table.slots[slot].restart_at.is_some() => return,
+                    // It will not be restarted (`--restart`): the old process
+                    // keeps its slot.
+                    None => {
+                        self.table.procs.get_mut(&old).expect("in the table").phase = Phase::Ready;
+                        continue;
+                    }
+                }
+            }
+            let Some(slot) = queue.pop_front() else {
+                self.roll = None;
+                actions.push(Action::RollDone);
+                return;
+            };
+            if self.table.slots[slot].removed {
+                continue;
+            }
+            match self.table.current(slot) {
+                Some(pid) if self.table.procs[&pid].phase == Phase::Ready => {
+                    // Keep it serving until its successor is up.
+                    self.table.procs.get_mut(&pid).expect("in the table").phase = Phase::Replaced;
+                    actions.push(Action::Spawn { slot });
+                }
+                Some(pid) => {
+                    // Not up yet: nothing to keep serving, so nothing to
+                    // wait for; start afresh with the new context.
+                    let deadline = now + self.policy.graceful;
+                    self.table.procs.get_mut(&pid).expect("in the table").phase = Phase::Leaving {
+                        deadline,
+                        killed: false,
+                    };
+                    actions.push(Action::Leave { pid });
+                    self.table.slots[slot].restart_at = Some(now);
+                    continue;
+                }
+                None => {
+                    // No process to keep serving (in backoff, or not to be
+                    // restarted): start it now with its new context; its
+                    // backoff goes on if it keeps failing. Nothing to wait
+                    // for: on to the next slot.
+                    self.table.slots[slot].restart_at = Some(now);
+                    continue;
+                }
+            }
+            // The replacement was asked for: the next step waits for it.
+            return;
+        }
+    }
+
+    /// The stop flag is set: nothing starts any more, the roll ends.
+    pub fn begin_drain(&mut self) {
+        self.draining = true;
+        self.roll = None;
+        for s in &mut self.table.slots {
+            s.restart_at = None;
+        }
+    }
+
+    /// Accepting stops: every process that has not been told yet leaves now,
+    /// and nothing lives past `deadline`.
+    pub fn stop_accepting(&mut self, deadline: Instant) -> Vec<Action> {
+        self.drain_deadline = Some(deadline);
+        self.leave_where(|_| true, deadline)
+    }
+
+    /// SIGKILL to everything still alive (the drain ran out of time, or
+    /// start-up failed).
+    pub fn kill_all(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = vec![];
+        for (&pid, p) in self.table.procs.iter_mut() {
+            let deadline = match p.phase {
+                Phase::Leaving { deadline, .. } => deadline,
+                _ => now,
+            };
+            p.phase = Phase::Leaving {
+                deadline,
+                killed: true,
+            };
+            self.killed_in_drain |= self.draining;
+            actions.push(Action::Kill { pid });
+        }
+        actions
+    }
+
+    /// When the loop must wake up next: a due start or a deadline.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        let starts = self
+            .table
+            .slots
+            .iter()
+            .filter(|s| !s.removed && !self.draining)
+            .filter_map(|s| s.restart_at);
+        starts.chain(self.table.next_deadline()).min()
+    }
+
+    /// With `--restart never` or `on-failure` every worker can be gone for
+    /// good: then the pool is over, like tini when its child exits: exit 0 if
+    /// the last run of every worker succeeded, else 1.
+    pub fn over(&self) -> Option<bool> {
+        let pending = self
+            .table
+            .slots
+            .iter()
+            .any(|s| !s.removed && s.restart_at.is_some());
+        if pending || !self.table.procs.is_empty() || self.draining {
+            return None;
+        }
+        Some(self.table.slots.iter().any(|s| s.last_failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn policy(restart: Restart) -> Policy {
+        Policy {
+            restart,
+            graceful: Duration::from_secs(5),
+            backoff: BackoffLimits::default(),
+            lanes: 4,
+        }
+    }
+
+    /// A pool driven the way the event loop drives it: spawns succeed with
+    /// fresh pids (or fail when `fail_spawns`), kills end the process at once.
+    struct Harness {
+        lc: Lifecycle<()>,
+        now: Instant,
+        next_pid: Pid,
+        fail_spawns: bool,
+        /// Every pid that ever left the table.
+        gone: std::collections::BTreeSet<Pid>,
+    }
+
+    impl Harness {
+        fn new(restart: Restart, n: usize, per_worker: bool) -> Harness {
+            let now = Instant::now();
+            let ctx: Vec<_> = (0..n).map(|i| json!({ "i": i })).collect();
+            let mut h = Harness {
+                lc: Lifecycle::new(policy(restart), &ctx, per_worker, now),
+                now,
+                next_pid: 100,
+                fail_spawns: false,
+                gone: Default::default(),
+            };
+            h.settle();
+            h
+        }
+
+        fn run(&mut self, actions: Vec<Action>) {
+            let mut queue: VecDeque<Action> = actions.into();
+            while let Some(a) = queue.pop_front() {
+                match a {
+                    Action::Spawn { slot } => {
+                        assert!(!self.lc.draining(), "spawn during a drain");
+                        assert!(!self.lc.table.slots[slot].removed, "spawn of a removed slot");
+                        assert!(
+                            self.lc.table.current(slot).is_none(),
+                            "spawn while slot {slot} has a current process"
+                        );
+                        if self.fail_spawns {
+                            queue.extend(self.lc.spawn_failed(slot, self.now));
+                        } else {
+                            self.next_pid += 1;
+                            let lane = self.lc.free_lane(slot);
+                            self.lc.spawned(slot, self.next_pid, lane, false, (), self.now);
+                        }
+                    }
+                    Action::Leave { pid } | Action::Kill { pid } => {
+                        assert!(self.lc.table.procs.contains_key(&pid), "{a:?}: not in the table");
+                        assert!(!self.gone.contains(&pid));
+                        if matches!(a, Action::Kill { .. }) {
+                            self.exit(pid, true);
+                        }
+                    }
+                    Action::Restart { .. } | Action::RollDone | Action::Refused(_) => {}
+                }
+            }
+        }
+
+        /// Settles as the loop does: again at once while something is due
+        /// now (a restart without backoff). It must end in a few turns.
+        fn settle(&mut self) {
+            for _ in 0..4 {
+                let a = self.lc.settle(self.now);
+                self.run(a);
+                if self.lc.next_wakeup().is_none_or(|t| t > self.now) {
+                    return;
+                }
+            }
+            panic!("the loop would spin: something is due now after 4 turns");
+        }
+
+        fn exit(&mut self, pid: Pid, failed: bool) {
+            let (p, a) = self.lc.exited(pid, failed, self.now);
+            assert!(p.is_some());
+            self.gone.insert(pid);
+            self.run(a);
+        }
+
+        fn pids(&self) -> Vec<Pid> {
+            self.lc.table.procs.keys().copied().collect()
+        }
+
+        fn check(&self) {
+            let t = &self.lc.table;
+            for slot in 0..t.slots.len() {
+                let live: Vec<_> = t.of_slot(slot).collect();
+                let current = live
+                    .iter()
+                    .filter(|(_, p)| matches!(p.phase, Phase::Starting | Phase::Ready))
+                    .count();
+                let replaced = live.iter().filter(|(_, p)| p.phase == Phase::Replaced).count();
+                assert!(current <= 1, "slot {slot}: {current} current processes");
+                assert!(replaced <= 1, "slot {slot}: {replaced} replaced processes");
+                if replaced == 1 {
+                    assert!(
+                        self.lc.rolling() || self.lc.draining(),
+                        "slot {slot} replaced outside a roll"
+                    );
+                }
+                if t.slots[slot].removed || self.lc.draining() {
+                    assert_eq!(current + replaced, 0, "slot {slot}: serving after removal/drain");
+                }
+                if current == 1 {
+                    assert!(t.slots[slot].restart_at.is_none());
+                }
+                let lanes: Vec<_> = live.iter().filter_map(|(_, p)| p.lane).collect();
+                let unique: std::collections::BTreeSet<_> = lanes.iter().collect();
+                assert_eq!(lanes.len(), unique.len(), "slot {slot}: two processes share a lane");
+            }
+            for (pid, p) in &t.procs {
+                if let Phase::Leaving { deadline, killed } = p.phase {
+                    assert!(killed || deadline > self.now, "{pid} left past its deadline");
+                }
+            }
+            assert!(t.desired() >= 1 && t.desired() <= MAX_WORKERS);
+        }
+
+        /// Lets everything settle with healthy processes; the pool must reach
+        /// its desired shape and the roll must end.
+        fn quiesce(&mut self) {
+            self.fail_spawns = false;
+            for _ in 0..200 {
+                for pid in self.pids() {
+                    let p = &self.lc.table.procs[&pid];
+                    if matches!(p.phase, Phase::Leaving { .. }) {
+                        self.exit(pid, false);
+                    } else {
+                        self.lc.ready(pid);
+                    }
+                }
+                self.now += Duration::from_secs(11);
+                self.settle();
+                self.check();
+            }
+            if self.lc.draining() {
+                assert!(self.lc.table.procs.is_empty(), "processes outlived the drain");
+                return;
+            }
+            assert!(!self.lc.rolling(), "the roll never ended");
+            let t = &self.lc.table;
+            for slot in t.active_slots() {
+                let ready = t.of_slot(slot).filter(|(_, p)| p.phase == Phase::Ready).count();
+                if self.lc.policy.restart == Restart::Always {
+                    assert_eq!(ready, 1, "slot {slot} is not up");
+                }
+            }
+            assert_eq!(t.procs.len(), t.of_slot_count_active(), "stray processes");
+        }
+    }
+
+    impl<H> Table<H> {
+        fn of_slot_count_active(&self) -> usize {
+            self.active_slots().map(|s| self.of_slot(s).count()).sum()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Exit(usize, bool),
+        Ready(usize),
+        Adopt,
+        Hup,
+        Ttin,
+        Ttou,
+        Contexts(usize, bool, u8),
+        Tick(u64),
+        FailSpawns(bool),
+        Drain,
+    }
+
+    fn event() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            4 => (any::<usize>(), any::<bool>()).prop_map(|(i, f)| Ev::Exit(i, f)),
+            4 => any::<usize>().prop_map(Ev::Ready),
+            1 => Just(Ev::Adopt),
+            2 => Just(Ev::Hup),
+            2 => Just(Ev::Ttin),
+            2 => Just(Ev::Ttou),
+            2 => (1usize..6, any::<bool>(), 0u8..3).prop_map(|(n, pw, v)| Ev::Contexts(n, pw, v)),
+            4 => (0u64..12_000).prop_map(Ev::Tick),
+            1 => any::<bool>().prop_map(Ev::FailSpawns),
+            1 => Just(Ev::Drain),
+        ]
+    }
+
+    fn restart() -> impl Strategy<Value = Restart> {
+        prop_oneof![Just(Restart::Always), Just(Restart::OnFailure), Just(Restart::Never)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Random event sequences keep every invariant after every step, and
+        /// the pool reaches its desired shape (or empties, after a drain).
+        #[test]
+        fn random_events_keep_the_invariants(
+            restart in restart(),
+            n in 1usize..5,
+            per_worker in any::<bool>(),
+            events in proptest::collection::vec(event(), 0..80),
+        ) {
+            let mut h = Harness::new(restart, n, per_worker);
+            h.check();
+            for ev in events {
+                match ev {
+                    Ev::Exit(i, failed) => {
+                        let pids = h.pids();
+                        if !pids.is_empty() {
+                            h.exit(pids[i % pids.len()], failed);
+                        }
+                    }
+                    Ev::Ready(i) => {
+                        let pids = h.pids();
+                        if !pids.is_empty() {
+                            h.lc.ready(pids[i % pids.len()]);
+                        }
+                    }
+                    Ev::Adopt => {
+                        h.next_pid += 1;
+                        let a = h.lc.adopt(h.next_pid, (), h.now);
+                        h.run(a);
+                    }
+                    Ev::Hup => h.lc.hup(),
+                    Ev::Ttin => { let a = h.lc.add_worker(h.now); h.run(a); }
+                    Ev::Ttou => { let a = h.lc.remove_worker(h.now); h.run(a); }
+                    Ev::Contexts(n, pw, v) => {
+                        let ctx: Vec<_> = (0..n).map(|i| json!({ "i": i, "v": v })).collect();
+                        let a = h.lc.contexts_changed(&ctx, pw, h.now);
+                        h.run(a);
+                    }
+                    Ev::Tick(ms) => h.now += Duration::from_millis(ms),
+                    Ev::FailSpawns(f) => h.fail_spawns = f,
+                    Ev::Drain => {
+                        if !h.lc.draining() {
+                            h.lc.begin_drain();
+                            let a = h.lc.stop_accepting(h.now + Duration::from_secs(5));
+                            h.run(a);
+                        }
+                    }
+                }
+                h.settle();
+                h.check();
+            }
+            h.quiesce();
+        }
+    }
+
+    /// Bug 1: a failed start after a long healthy run backs off.
+    #[test]
+    fn failed_starts_back_off_after_a_healthy_run() {
+        let mut h = Harness::new(Restart::Always, 1, false);
+        let pid = h.pids()[0];
+        h.lc.ready(pid);
+        h.now += Duration::from_secs(60);
+        h.fail_spawns = true;
+        h.exit(pid, true);
+        let mut starts = 0;
+        let end = h.now + Duration::from_secs(2);
+        while h.now < end {
+            let before = h.lc.table.slots[0].backoff.failures;
+            h.settle();
+            if h.lc.table.slots[0].backoff.failures != before {
+                starts += 1;
+            }
+            h.now = h.lc.next_wakeup().unwrap().max(h.now + Duration::from_millis(1));
+        }
+        assert!((3..=8).contains(&starts), "{starts} failed starts in 2 s");
+    }
+
+    /// Bug 4: SIGTTOU that removes the slot being replaced ends both of its
+    /// processes, and the roll goes on.
+    #[test]
+    fn ttou_of_the_slot_being_replaced_ends_both_processes() {
+        let mut h = Harness::new(Restart::Always, 2, false);
+        for p in h.pids() {
+            h.lc.ready(p);
+        }
+        h.lc.hup();
+        h.settle();
+        // Slot 0 is being replaced; let its successor come up.
+        let new0 = h.lc.table.current(0).unwrap();
+        h.lc.ready(new0);
+        h.settle();
+        assert!(h.lc.table.replaced(1).is_some());
+        let a = h.lc.remove_worker(h.now);
+        assert_eq!(a.len(), 2, "both processes of slot 1 leave: {a:?}");
+        h.run(a);
+        h.settle();
+        assert!(!h.lc.rolling());
+        h.check();
+    }
+
+    /// Bug 9: TTIN stops at 1024 workers.
+    #[test]
+    fn ttin_stops_at_the_worker_limit() {
+        let mut h = Harness::new(Restart::Always, MAX_WORKERS, false);
+        let a = h.lc.add_worker(h.now);
+        assert!(matches!(a[..], [Action::Refused(_)]), "{a:?}");
+        assert_eq!(h.lc.table.desired(), MAX_WORKERS);
+    }
+
+    /// Bug 9: a process SIGKILLed past its deadline is not killed again and
+    /// again (the loop spun until it was reaped).
+    #[test]
+    fn a_killed_process_is_not_a_pending_deadline() {
+        let mut h = Harness::new(Restart::Always, 2, false);
+        for p in h.pids() {
+            h.lc.ready(p);
+        }
+        let a = h.lc.remove_worker(h.now);
+        let Action::Leave { pid } = a[0] else { panic!("{a:?}") };
+        h.now += Duration::from_secs(6);
+        let a = h.lc.settle(h.now);
+        assert_eq!(a, vec![Action::Kill { pid }]);
+        // Not reaped yet: no new kill, and no wake-up in the past.
+        assert_eq!(h.lc.settle(h.now), vec![]);
+        assert!(h.lc.next_wakeup().is_none_or(|t| t > h.now));
+    }
+
+    /// The drain kills nothing that finishes in time, and says so.
+    #[test]
+    fn a_drain_that_kills_is_reported() {
+        let mut h = Harness::new(Restart::Always, 2, false);
+        h.lc.begin_drain();
+        let a = h.lc.stop_accepting(h.now + Duration::from_secs(5));
+        assert_eq!(a.len(), 2);
+        let first = h.pids()[0];
+        h.exit(first, false);
+        assert!(!h.lc.killed_in_drain());
+        h.now += Duration::from_secs(5);
+        h.settle();
+        assert!(h.lc.killed_in_drain());
+        assert!(h.lc.table.procs.is_empty());
+    }
+}

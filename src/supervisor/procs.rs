@@ -1,0 +1,90 @@
+//! The OS side of the process table: reaping, finding the descendants a
+//! worker left behind, and signals that can only reach drover's own.
+//!
+//! # Why every signal here reaches only drover's own processes
+//! drover signals nothing but (a) its own children that it has not reaped
+//! yet, and (b) the process group such a child is in *at that moment*. A pid
+//! stays allocated until its parent reaps it, and a process group id stays
+//! allocated while any process (a zombie included) is in the group, so
+//! neither number can belong to a stranger. An exited worker is examined with
+//! `waitid(WNOWAIT)` — still a zombie, its group id still its own — so what
+//! it left in its group can be told to stop *before* it is reaped. drover
+//! remembers no group id past that point (it once swept remembered ids at
+//! exit and could kill an unrelated group that reused one). What a worker
+//! leaves behind is reparented to drover (a child subreaper) and becomes a
+//! child of its own, tracked in the table like any worker.
+
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+
+use crate::sys;
+
+/// The next exited child, not reaped yet (still a zombie).
+pub fn peek_exited() -> Option<i32> {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(Id::All, flags) {
+        Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) => Some(pid.as_raw()),
+        _ => None,
+    }
+}
+
+/// Direct children of this process, from /proc (each thread's `children`
+/// file: an orphan is reparented to some thread of its subreaper).
+pub fn children() -> Vec<i32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{me}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The process group of `pid` (field 5 of /proc/PID/stat).
+fn pgid_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Sends `sig` to `child` (a child of drover, not reaped) and to the
+/// process group it is in now, if that group is not drover's own.
+pub fn signal_with_group(child: i32, sig: libc::c_int) {
+    if let Some(g) = pgid_of(child) {
+        let own = nix::unistd::getpgrp().as_raw();
+        if g > 1 && g != own {
+            sys::kill_group(g, sig);
+        }
+    }
+    sys::kill(child, sig);
+}
+
+/// Sends `sig` to `child` only.
+pub fn signal(child: i32, sig: libc::c_int) {
+    sys::kill(child, sig);
+}
+
+/// SIGKILL to every descendant: children and their groups, again as the
+/// orphans of killed ones are reparented to drover, until none is left or
+/// `limit` passes. Reaps them all. Returns the exits it reaped.
+pub fn kill_descendants(limit: std::time::Duration) -> Vec<sys::Exited> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut reaped = Vec::new();
+    loop {
+        let kids = children();
+        if kids.is_empty() || std::time::Instant::now() >= deadline {
+            return reaped;
+        }
+        for &c in &kids {
+            signal_with_group(c, libc::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        while let Some(e) = sys::reap(-1) {
+            reaped.push(e);
+        }
+    }
+}
