@@ -151,7 +151,8 @@ impl WorkerEnv {
     pub fn decode(var: impl Fn(&str) -> Option<String>) -> Result<WorkerEnv, EnvError> {
         let num = |name: &'static str| -> Result<usize, EnvError> {
             let v = var(name).ok_or(EnvError::Missing(name))?;
-            v.parse().map_err(|_| EnvError::NotANumber { name, value: v })
+            v.parse()
+                .map_err(|_| EnvError::NotANumber { name, value: v })
         };
         let context = match var(CONTEXT_ENV) {
             Some(c) => serde_json::from_str(&c).map_err(EnvError::Context)?,
@@ -336,7 +337,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
             .collect();
-        for (k, _) in &vars {
+        for k in vars.keys() {
             assert!(is_reserved(k.as_bytes()), "{k} must not be inherited");
         }
         WorkerEnv::decode(|k| vars.get(k).cloned()).unwrap()

@@ -27,23 +27,27 @@
 //!
 //! # Layout
 //! - [`config`]: the command line and its `DROVER_*` environment twins.
-//! - [`contexts`]: worker contexts, the YAML rules and the worker count.
+//! - `plan`: a checked configuration, typed per owner (listen, admin, drain,
+//!   pool policies), before anything starts (`drover check`).
+//! - [`contexts`]: worker contexts, the YAML rules and the worker count;
 //!   `contexts::configmap` (the ConfigMap through the API, watched),
 //!   `contexts::file` (a watched file), `contexts::watch` (changes, checked).
-//! - `plan`: a checked configuration, before anything starts (`drover check`).
+//! - [`control`]: the supervisor–worker contract, both ends (environment,
+//!   control messages). A leaf.
+//! - `supervisor`: signals, the one drain, in-process mode, and the pool
+//!   (`supervisor::pool`: process table, rules, spawn mechanism, event loop).
 //! - `listener`: the one shared socket, its backlog and the end of accepting.
-//! - `supervisor`: starting, reaping and restarting workers; the drain.
 //! - `worker`: a worker process of the built-in or a library app.
 //! - `serve`: serving HTTP on the listener and finishing in-flight work.
-//! - [`stop`]: the one stop flag and the library's [`stop()`].
+//! - [`stop`]: the one stop flag.
 //! - `admin`: the admin endpoints.
 //! - `metrics`: the Prometheus metrics.
-//! - [`app`]: the library API ([`Worker`], [`run`]).
+//! - [`app`]: the library API ([`Worker`], [`run`], [`stop()`], [`is_draining`]).
 //! - [`builtin`]: the built-in app, written on that API.
 //! - `client`: `drover stop`.
 //! - [`cgroup`]: `--workers auto`.
 //! - [`error`]: errors and the one mapping to exit codes.
-//! - `sys`: the only `unsafe` code (fork, exec, dup2, prctl).
+//! - `sys`: the only `unsafe` code (fork, exec, dup2, prctl, signal masks).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -52,9 +56,9 @@ pub mod app;
 pub mod builtin;
 pub mod cgroup;
 mod client;
-pub mod control;
 pub mod config;
 pub mod contexts;
+pub mod control;
 pub mod error;
 mod listener;
 mod logging;
@@ -75,8 +79,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 pub use app::{full, Body, BoxError, Worker};
-pub use error::{exit, Error, Result};
 pub use app::{is_draining, stop};
+pub use error::{exit, Error, Result};
 
 /// Runs drover with `factory` as the app: parses the command line, then
 /// supervises (or, in a worker process, serves). The factory is called once

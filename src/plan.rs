@@ -12,12 +12,12 @@ use serde_json::Value;
 use std::net::SocketAddr;
 
 use crate::config::{RunArgs, WorkerReady, Workers};
+use crate::contexts;
+use crate::error::{Error, Result};
 use crate::supervisor::drain::DrainPolicy;
 use crate::supervisor::pool::policy::Policy;
 use crate::supervisor::pool::table::BackoffLimits;
 use crate::supervisor::pool::PoolSettings;
-use crate::contexts;
-use crate::error::{Error, Result};
 
 /// What each worker runs.
 #[derive(Debug, Clone)]

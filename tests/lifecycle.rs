@@ -66,6 +66,17 @@ fn started(d: &Drover) -> Vec<(u64, u32)> {
         .collect()
 }
 
+/// Waits until drover logged at least `n` starts; returns them.
+fn wait_started(d: &Drover, n: usize) -> Vec<(u64, u32)> {
+    wait_for(
+        d,
+        &format!("fewer than {n} workers started"),
+        Duration::from_secs(10),
+        || started(d).len() >= n,
+    );
+    started(d)
+}
+
 fn wait_for(d: &Drover, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     assert!(eventually(limit, &mut cond), "{what}:\n{}", d.log_text());
 }
@@ -181,7 +192,7 @@ fn failed_starts_back_off_even_after_a_long_healthy_run() {
     let s = script.display().to_string();
     let mut d = start(&["--workers", "1", "--graceful-timeout", "2s", "--", &s]);
     d.wait_ready();
-    let pid = started(&d)[0].1;
+    let pid = wait_started(&d, 1)[0].1;
     // Long enough that the worker counts as healthy (its backoff is reset).
     std::thread::sleep(Duration::from_millis(10_500));
     std::fs::remove_file(&script).unwrap();
@@ -213,7 +224,14 @@ fn a_drain_gives_a_workers_leftover_children_their_graceful_time() {
     let marker = dir.0.join("done");
     let m = marker.display().to_string();
     let mut d = external(
-        &["--workers", "1", "--graceful-timeout", "10s", "--worker-ready", "notify"],
+        &[
+            "--workers",
+            "1",
+            "--graceful-timeout",
+            "10s",
+            "--worker-ready",
+            "notify",
+        ],
         &["--child-term-grace", "1.0", "--marker", &m],
     );
     d.wait_ready();
@@ -234,11 +252,18 @@ fn a_drain_gives_a_workers_leftover_children_their_graceful_time() {
 #[test]
 fn a_leftover_killed_at_the_drain_deadline_makes_the_exit_code_1() {
     let mut d = external(
-        &["--workers", "1", "--graceful-timeout", "1s", "--worker-ready", "notify"],
+        &[
+            "--workers",
+            "1",
+            "--graceful-timeout",
+            "1s",
+            "--worker-ready",
+            "notify",
+        ],
         &["--child-ignore-term"],
     );
     d.wait_ready();
-    let worker = started(&d)[0].1;
+    let worker = wait_started(&d, 1)[0].1;
     wait_for(
         &d,
         "the fixture's child never started",
@@ -333,7 +358,7 @@ fn sigttou_during_the_roll_of_the_removed_slot_does_not_stall_rolls() {
         &["--ready-after", "1.0"],
     );
     d.wait_ready();
-    let first: Vec<u32> = started(&d).iter().map(|s| s.1).collect();
+    let first: Vec<u32> = wait_started(&d, 2).iter().map(|s| s.1).collect();
     send(d.pid, 1); // HUP: replace 0, then 1
                     // Once slot 1's replacement is starting (not up yet), remove slot 1.
     wait_for(
@@ -393,7 +418,7 @@ fn a_stop_asked_by_a_worker_being_replaced_is_honoured() {
         &["--ready-after", "1.5"],
     );
     d.wait_ready();
-    let old = started(&d)[0].1;
+    let old = wait_started(&d, 1)[0].1;
     send(d.pid, 1);
     wait_for(&d, "no replacement started", Duration::from_secs(5), || {
         started(&d).len() == 2
@@ -480,7 +505,10 @@ fn unused_signals_are_forwarded_to_workers_and_never_kill_drover() {
     let got = dir.0.join("signals");
     let g = got.display().to_string();
     // Ready (READY=1) only once the fixture's handlers are installed.
-    let mut d = external(&["--workers", "2", "--worker-ready", "notify"], &["--signals", &g]);
+    let mut d = external(
+        &["--workers", "2", "--worker-ready", "notify"],
+        &["--signals", &g],
+    );
     d.wait_ready();
     for sig in [10, 12, 28] {
         // USR1, USR2, WINCH
@@ -531,8 +559,16 @@ fn a_sigterm_right_after_launch_starts_a_drain() {
     for delay_us in [0u64, 0, 0, 1_000, 5_000, 20_000] {
         let mut child = std::process::Command::new(bin())
             .args([
-                "--workers", "2", "--host", "127.0.0.1", "--port", "0", "--admin-host",
-                "127.0.0.1", "--admin-port", "0",
+                "--workers",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--admin-host",
+                "127.0.0.1",
+                "--admin-port",
+                "0",
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -547,7 +583,10 @@ fn a_sigterm_right_after_launch_starts_a_drain() {
                 }
                 break;
             }
-            assert!(Instant::now() < deadline, "drover never blocks or handles TERM");
+            assert!(
+                Instant::now() < deadline,
+                "drover never blocks or handles TERM"
+            );
         }
         std::thread::sleep(Duration::from_micros(delay_us));
         send(child.id(), 15);
@@ -556,7 +595,10 @@ fn a_sigterm_right_after_launch_starts_a_drain() {
             if let Some(st) = child.try_wait().unwrap() {
                 break st;
             }
-            assert!(Instant::now() < deadline, "TERM after {delay_us} µs was lost");
+            assert!(
+                Instant::now() < deadline,
+                "TERM after {delay_us} µs was lost"
+            );
             std::thread::sleep(Duration::from_millis(5));
         };
         assert_eq!(st.code(), Some(0), "TERM after {delay_us} µs: {st:?}");

@@ -86,7 +86,9 @@ async fn supervise(
     for id in 0..plan.workers() {
         // Every known worker's restart counter exists from the start, at 0,
         // so that increase() sees the first restart.
-        metrics.worker_restarts.with_label_values(&[&id.to_string()]);
+        metrics
+            .worker_restarts
+            .with_label_values(&[&id.to_string()]);
     }
     let watch = ContextsWatch::start(&plan, validate, metrics.clone());
     metrics
@@ -94,7 +96,8 @@ async fn supervise(
         .set(i64::from(listener.effective_backlog));
     let workers_up = Arc::new(AtomicBool::new(false));
 
-    let admin_listener = admin::bind(&plan.admin.addr.ip().to_string(), plan.admin.addr.port()).await?;
+    let admin_listener =
+        admin::bind(&plan.admin.addr.ip().to_string(), plan.admin.addr.port()).await?;
     if let Ok(a) = admin_listener.local_addr() {
         tracing::info!(address = %a, "admin server on {a}");
     }

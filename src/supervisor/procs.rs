@@ -48,7 +48,12 @@ pub fn children() -> Vec<i32> {
 /// The process group of `pid` (field 5 of /proc/PID/stat).
 fn pgid_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 /// Sends `sig` to `child` (a child of drover, not reaped) and to the

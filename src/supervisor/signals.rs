@@ -72,7 +72,8 @@ pub fn unblock() {
 /// become [`Control`]s on `tx`.
 pub fn install(flag: StopFlag, tx: mpsc::UnboundedSender<Control>) -> Result<()> {
     let handler = |n: libc::c_int| {
-        signal(SignalKind::from_raw(n)).map_err(|e| Error::io(format!("cannot handle signal {n}"), e))
+        signal(SignalKind::from_raw(n))
+            .map_err(|e| Error::io(format!("cannot handle signal {n}"), e))
     };
     for (n, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
         let mut s = handler(n)?;

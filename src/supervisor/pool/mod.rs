@@ -88,7 +88,12 @@ impl Pool {
         sigchld: Signal,
     ) -> Pool {
         let (messages_tx, messages) = mpsc::unbounded_channel();
-        let lc = Lifecycle::new(settings.policy.clone(), contexts, per_worker, Instant::now());
+        let lc = Lifecycle::new(
+            settings.policy.clone(),
+            contexts,
+            per_worker,
+            Instant::now(),
+        );
         Pool {
             lc,
             spawner,
@@ -152,8 +157,7 @@ impl Pool {
         let stopped = flag.wait();
         tokio::pin!(stopped);
         loop {
-            let actions = self.lc.settle(Instant::now());
-            self.execute(actions);
+            self.settle();
             self.publish();
             if let Some(failed) = self.lc.over() {
                 tracing::info!(
@@ -161,7 +165,11 @@ impl Pool {
                     "every worker has exited and none is to be restarted: exiting"
                 );
                 self.sweep();
-                return Err(if failed { crate::error::exit::KILLED } else { crate::error::exit::OK });
+                return Err(if failed {
+                    crate::error::exit::KILLED
+                } else {
+                    crate::error::exit::OK
+                });
             }
             let next = self.lc.next_wakeup();
             tokio::select! {
@@ -183,6 +191,19 @@ impl Pool {
         }
     }
 
+    /// Applies the rules until they ask for nothing more now (a start they
+    /// asked for may let a roll move on, which asks for the next step).
+    /// Bounded: each turn either starts or retires a process, or backs off.
+    fn settle(&mut self) {
+        for _ in 0..64 {
+            let actions = self.lc.settle(Instant::now());
+            if actions.is_empty() {
+                return;
+            }
+            self.execute(actions);
+        }
+    }
+
     fn on_control(&mut self, c: Control) {
         let now = Instant::now();
         let actions = match c {
@@ -197,7 +218,10 @@ impl Pool {
                 let before = self.lc.table.desired();
                 let a = self.lc.add_worker(now);
                 if self.lc.table.desired() > before {
-                    tracing::info!(workers = self.lc.table.desired(), "SIGTTIN: adding a worker");
+                    tracing::info!(
+                        workers = self.lc.table.desired(),
+                        "SIGTTIN: adding a worker"
+                    );
                 }
                 a
             }
@@ -205,7 +229,10 @@ impl Pool {
                 let before = self.lc.table.desired();
                 let a = self.lc.remove_worker(now);
                 if self.lc.table.desired() < before {
-                    tracing::info!(workers = self.lc.table.desired(), "SIGTTOU: removing a worker");
+                    tracing::info!(
+                        workers = self.lc.table.desired(),
+                        "SIGTTOU: removing a worker"
+                    );
                 }
                 a
             }
@@ -277,8 +304,13 @@ impl Pool {
                 Action::Kill { pid } => {
                     let slot = self.lc.table.procs.get(&pid).and_then(|p| p.slot);
                     match slot {
-                        Some(w) => tracing::warn!(worker = w, pid, "outlived --graceful-timeout: SIGKILL"),
-                        None => tracing::warn!(pid, "a worker's leftover process outlived --graceful-timeout: SIGKILL"),
+                        Some(w) => {
+                            tracing::warn!(worker = w, pid, "outlived --graceful-timeout: SIGKILL")
+                        }
+                        None => tracing::warn!(
+                            pid,
+                            "a worker's leftover process outlived --graceful-timeout: SIGKILL"
+                        ),
                     }
                     procs::signal_with_group(pid, libc::SIGKILL);
                 }
@@ -308,25 +340,41 @@ impl Pool {
         let tx = self.messages_tx.clone();
         let pid_cell = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let cell = pid_cell.clone();
-        let started = self.spawner.spawn(listener.raw_fd(), slot, workers, &context, lane, move |m| {
-            tx.send(Message::Control(cell.load(Ordering::Acquire), m)).is_ok()
-        })?;
+        let started =
+            self.spawner
+                .spawn(listener.raw_fd(), slot, workers, &context, lane, move |m| {
+                    tx.send(Message::Control(cell.load(Ordering::Acquire), m))
+                        .is_ok()
+                })?;
         pid_cell.store(started.pid, Ordering::Release);
         let ready = !self.spawner.own() && self.settings.ready_when_running;
-        self.lc
-            .spawned(slot, started.pid, lane, ready, Some(started.ctl), Instant::now());
+        self.lc.spawned(
+            slot,
+            started.pid,
+            lane,
+            ready,
+            Some(started.ctl),
+            Instant::now(),
+        );
         self.metrics
             .worker_restarts
             .with_label_values(&[&slot.to_string()]);
         let generation = self.lc.table.slots[slot].generation;
-        tracing::info!(worker = slot, pid = started.pid, generation, "worker started");
+        tracing::info!(
+            worker = slot,
+            pid = started.pid,
+            generation,
+            "worker started"
+        );
         Ok(())
     }
 
     /// Tells `pid` to leave: drover's own workers stop accepting and finish;
     /// anything else gets `--stop-signal`.
     fn leave(&self, pid: i32) {
-        let Some(p) = self.lc.table.procs.get(&pid) else { return };
+        let Some(p) = self.lc.table.procs.get(&pid) else {
+            return;
+        };
         match (&p.handle, p.slot, self.spawner.own()) {
             (Some(ctl), Some(_), true) => ctl.send(ToWorker::StopAccepting),
             _ => procs::signal(pid, self.settings.stop_signal),
@@ -346,7 +394,9 @@ impl Pool {
                 crate::sys::kill_group(pid, self.settings.stop_signal);
                 any_worker = true;
             }
-            let Some(exited) = crate::sys::reap(pid) else { break };
+            let Some(exited) = crate::sys::reap(pid) else {
+                break;
+            };
             self.exited(exited);
         }
         if any_worker || self.lc.table.procs.values().any(|p| p.slot.is_none()) {
@@ -369,12 +419,24 @@ impl Pool {
                     self.metrics
                         .pod
                         .process_exited(slot, exited.cpu_seconds, p.lane);
+                    let generation = p.generation;
                     if self.lc.draining() {
-                        tracing::info!(worker = slot, pid, "worker exited ({how})");
-                    } else if matches!(phase, table::Phase::Leaving { .. } | table::Phase::Replaced) {
-                        tracing::info!(worker = slot, pid, "replaced worker exited ({how})");
+                        tracing::info!(worker = slot, pid, generation, "worker exited ({how})");
+                    } else if matches!(phase, table::Phase::Leaving { .. } | table::Phase::Replaced)
+                    {
+                        tracing::info!(
+                            worker = slot,
+                            pid,
+                            generation,
+                            "replaced worker exited ({how})"
+                        );
                     } else {
-                        tracing::warn!(worker = slot, pid, "worker exited on its own ({how})");
+                        tracing::warn!(
+                            worker = slot,
+                            pid,
+                            generation,
+                            "worker exited on its own ({how})"
+                        );
                     }
                 }
             },
@@ -389,7 +451,10 @@ impl Pool {
         let now = Instant::now();
         for pid in procs::children() {
             if !self.lc.table.procs.contains_key(&pid) {
-                tracing::info!(pid, "a worker left this process behind: sent it --stop-signal");
+                tracing::info!(
+                    pid,
+                    "a worker left this process behind: sent it --stop-signal"
+                );
                 let actions = self.lc.adopt(pid, None, now);
                 self.execute(actions);
             }
@@ -406,8 +471,7 @@ impl Pool {
                 Some(m) = self.messages.recv() => self.on_message(m),
                 _ = tokio::time::sleep_until(next) => {}
             }
-            let actions = self.lc.settle(Instant::now());
-            self.execute(actions);
+            self.settle();
             self.publish();
         }
     }

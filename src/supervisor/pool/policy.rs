@@ -119,7 +119,15 @@ impl<H> Lifecycle<H> {
 
     /// A process for `slot` was started as `pid`; `ready` when it counts as
     /// up at once (`--worker-ready running`).
-    pub fn spawned(&mut self, slot: usize, pid: Pid, lane: Option<usize>, ready: bool, handle: H, now: Instant) {
+    pub fn spawned(
+        &mut self,
+        slot: usize,
+        pid: Pid,
+        lane: Option<usize>,
+        ready: bool,
+        handle: H,
+        now: Instant,
+    ) {
         let s = &mut self.table.slots[slot];
         s.generation += 1;
         s.restart_at = None;
@@ -166,7 +174,12 @@ impl<H> Lifecycle<H> {
 
     /// `pid` was reaped; returns its entry (None if it was not in the table)
     /// and what follows.
-    pub fn exited(&mut self, pid: Pid, failed: bool, now: Instant) -> (Option<Proc<H>>, Vec<Action>) {
+    pub fn exited(
+        &mut self,
+        pid: Pid,
+        failed: bool,
+        now: Instant,
+    ) -> (Option<Proc<H>>, Vec<Action>) {
         let Some(proc) = self.table.procs.remove(&pid) else {
             return (None, vec![]);
         };
@@ -268,7 +281,9 @@ impl<H> Lifecycle<H> {
         }
         let active: Vec<usize> = self.table.active_slots().collect();
         if active.len() <= 1 {
-            return vec![Action::Refused("SIGTTOU ignored: one worker is the minimum")];
+            return vec![Action::Refused(
+                "SIGTTOU ignored: one worker is the minimum",
+            )];
         }
         self.remove_slot(active[active.len() - 1], now)
     }
@@ -309,7 +324,12 @@ impl<H> Lifecycle<H> {
     /// New contexts are in force: slots are added or removed to match their
     /// count, and the workers whose context changed (all, if the count
     /// changed, since `DROVER_WORKERS` did) are rolled.
-    pub fn contexts_changed(&mut self, contexts: &[serde_json::Value], per_worker: bool, now: Instant) -> Vec<Action> {
+    pub fn contexts_changed(
+        &mut self,
+        contexts: &[serde_json::Value],
+        per_worker: bool,
+        now: Instant,
+    ) -> Vec<Action> {
         self.per_worker = per_worker;
         if self.draining {
             return vec![];
@@ -355,7 +375,7 @@ impl<H> Lifecycle<H> {
             self.advance_roll(now, &mut actions);
             for slot in 0..self.table.slots.len() {
                 let s = &self.table.slots[slot];
-                if s.removed || !s.restart_at.is_some_and(|t| t <= now) {
+                if s.removed || s.restart_at.is_none_or(|t| t > now) {
                     continue;
                 }
                 if self.table.current(slot).is_none() {
@@ -396,10 +416,11 @@ impl<H> Lifecycle<H> {
                 match successor {
                     Some(Phase::Ready) => {
                         let deadline = now + self.policy.graceful;
-                        self.table.procs.get_mut(&old).expect("in the table").phase = Phase::Leaving {
-                            deadline,
-                            killed: false,
-                        };
+                        self.table.procs.get_mut(&old).expect("in the table").phase =
+                            Phase::Leaving {
+                                deadline,
+                                killed: false,
+                            };
                         actions.push(Action::Leave { pid: old });
                         continue;
                     }
@@ -563,7 +584,10 @@ mod tests {
                 match a {
                     Action::Spawn { slot } => {
                         assert!(!self.lc.draining(), "spawn during a drain");
-                        assert!(!self.lc.table.slots[slot].removed, "spawn of a removed slot");
+                        assert!(
+                            !self.lc.table.slots[slot].removed,
+                            "spawn of a removed slot"
+                        );
                         assert!(
                             self.lc.table.current(slot).is_none(),
                             "spawn while slot {slot} has a current process"
@@ -573,11 +597,15 @@ mod tests {
                         } else {
                             self.next_pid += 1;
                             let lane = self.lc.free_lane(slot);
-                            self.lc.spawned(slot, self.next_pid, lane, false, (), self.now);
+                            self.lc
+                                .spawned(slot, self.next_pid, lane, false, (), self.now);
                         }
                     }
                     Action::Leave { pid } | Action::Kill { pid } => {
-                        assert!(self.lc.table.procs.contains_key(&pid), "{a:?}: not in the table");
+                        assert!(
+                            self.lc.table.procs.contains_key(&pid),
+                            "{a:?}: not in the table"
+                        );
                         assert!(!self.gone.contains(&pid));
                         if matches!(a, Action::Kill { .. }) {
                             self.exit(pid, true);
@@ -620,7 +648,10 @@ mod tests {
                     .iter()
                     .filter(|(_, p)| matches!(p.phase, Phase::Starting | Phase::Ready))
                     .count();
-                let replaced = live.iter().filter(|(_, p)| p.phase == Phase::Replaced).count();
+                let replaced = live
+                    .iter()
+                    .filter(|(_, p)| p.phase == Phase::Replaced)
+                    .count();
                 assert!(current <= 1, "slot {slot}: {current} current processes");
                 assert!(replaced <= 1, "slot {slot}: {replaced} replaced processes");
                 if replaced == 1 {
@@ -630,18 +661,29 @@ mod tests {
                     );
                 }
                 if t.slots[slot].removed || self.lc.draining() {
-                    assert_eq!(current + replaced, 0, "slot {slot}: serving after removal/drain");
+                    assert_eq!(
+                        current + replaced,
+                        0,
+                        "slot {slot}: serving after removal/drain"
+                    );
                 }
                 if current == 1 {
                     assert!(t.slots[slot].restart_at.is_none());
                 }
                 let lanes: Vec<_> = live.iter().filter_map(|(_, p)| p.lane).collect();
                 let unique: std::collections::BTreeSet<_> = lanes.iter().collect();
-                assert_eq!(lanes.len(), unique.len(), "slot {slot}: two processes share a lane");
+                assert_eq!(
+                    lanes.len(),
+                    unique.len(),
+                    "slot {slot}: two processes share a lane"
+                );
             }
             for (pid, p) in &t.procs {
                 if let Phase::Leaving { deadline, killed } = p.phase {
-                    assert!(killed || deadline > self.now, "{pid} left past its deadline");
+                    assert!(
+                        killed || deadline > self.now,
+                        "{pid} left past its deadline"
+                    );
                 }
             }
             assert!(t.desired() >= 1 && t.desired() <= MAX_WORKERS);
@@ -665,13 +707,19 @@ mod tests {
                 self.check();
             }
             if self.lc.draining() {
-                assert!(self.lc.table.procs.is_empty(), "processes outlived the drain");
+                assert!(
+                    self.lc.table.procs.is_empty(),
+                    "processes outlived the drain"
+                );
                 return;
             }
             assert!(!self.lc.rolling(), "the roll never ended");
             let t = &self.lc.table;
             for slot in t.active_slots() {
-                let ready = t.of_slot(slot).filter(|(_, p)| p.phase == Phase::Ready).count();
+                let ready = t
+                    .of_slot(slot)
+                    .filter(|(_, p)| p.phase == Phase::Ready)
+                    .count();
                 if self.lc.policy.restart == Restart::Always {
                     assert_eq!(ready, 1, "slot {slot} is not up");
                 }
@@ -716,7 +764,11 @@ mod tests {
     }
 
     fn restart() -> impl Strategy<Value = Restart> {
-        prop_oneof![Just(Restart::Always), Just(Restart::OnFailure), Just(Restart::Never)]
+        prop_oneof![
+            Just(Restart::Always),
+            Just(Restart::OnFailure),
+            Just(Restart::Never)
+        ]
     }
 
     proptest! {
@@ -794,7 +846,10 @@ mod tests {
             if h.lc.table.slots[0].backoff.failures != before {
                 starts += 1;
             }
-            h.now = h.lc.next_wakeup().unwrap().max(h.now + Duration::from_millis(1));
+            h.now =
+                h.lc.next_wakeup()
+                    .unwrap()
+                    .max(h.now + Duration::from_millis(1));
         }
         assert!((3..=8).contains(&starts), "{starts} failed starts in 2 s");
     }
@@ -840,7 +895,9 @@ mod tests {
             h.lc.ready(p);
         }
         let a = h.lc.remove_worker(h.now);
-        let Action::Leave { pid } = a[0] else { panic!("{a:?}") };
+        let Action::Leave { pid } = a[0] else {
+            panic!("{a:?}")
+        };
         h.now += Duration::from_secs(6);
         let a = h.lc.settle(h.now);
         assert_eq!(a, vec![Action::Kill { pid }]);
