@@ -112,10 +112,14 @@ pub struct RunArgs {
     /// Restart policy for workers that exit on their own.
     #[arg(long, env = "DROVER_RESTART", value_enum, default_value_t = Restart::Always)]
     pub restart: Restart,
-    /// When an external worker counts as up: once it runs, or once it sends
-    /// READY=1 to $NOTIFY_SOCKET (systemd's sd_notify; gunicorn does).
-    #[arg(long, env = "DROVER_WORKER_READY", value_enum, default_value_t = WorkerReady::Running)]
+    /// When an external worker counts as up: `auto` (READY=1 to
+    /// $NOTIFY_SOCKET if it speaks sd_notify, else once it accepts on the
+    /// socket), `notify` (READY=1 only) or `running` (at once).
+    #[arg(long, env = "DROVER_WORKER_READY", value_enum, default_value_t = WorkerReady::Auto)]
     pub worker_ready: WorkerReady,
+    /// A worker not up this long after its start is a failed start.
+    #[arg(long, env = "DROVER_WORKER_READY_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub worker_ready_timeout: Duration,
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -162,6 +166,8 @@ pub enum Restart {
 /// `--worker-ready`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WorkerReady {
+    /// Up at `READY=1`, or once seen accepting on the shared socket.
+    Auto,
     /// Up once the process runs.
     Running,
     /// Up once it sends `READY=1` to `$NOTIFY_SOCKET`.
@@ -219,6 +225,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("`{s}` is not a duration like 500ms, 30s or 1m: {e}"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
 }
 
 fn parse_stop_signal(s: &str) -> Result<StopSignal, String> {

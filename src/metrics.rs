@@ -138,6 +138,8 @@ pub struct Metrics {
     pub listen_backlog: IntGauge,
     /// `drover_contexts_reloads_total{result}`.
     pub contexts_reloads: IntCounterVec,
+    /// `drover_rolls_total{result}`: rolling restarts, `success` or `halted`.
+    pub rolls: IntCounterVec,
     /// `drover_contexts_info{source,version}`: 1 for the contexts in force.
     contexts_info: IntGaugeVec,
     flag: StopFlag,
@@ -206,6 +208,11 @@ impl Metrics {
                 "Worker contexts changes read from the watched source, by result (success: valid and taken; failure: invalid or unreadable, ignored).",
                 "result",
             ),
+            rolls: counter(
+                "drover_rolls_total",
+                "Rolling restarts (SIGHUP, contexts changes) by result: success (every worker replaced and up) or halted (a new worker did not come up; the old ones serve on).",
+                "result",
+            ),
             contexts_info: {
                 let g = IntGaugeVec::new(
                     Opts::new(
@@ -224,6 +231,9 @@ impl Metrics {
         };
         for r in ["success", "failure"] {
             m.contexts_reloads.with_label_values(&[r]);
+        }
+        for r in ["success", "halted"] {
+            m.rolls.with_label_values(&[r]);
         }
         for s in StopSource::ALL {
             m.stop_requests.with_label_values(&[s.as_str()]);

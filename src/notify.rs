@@ -1,14 +1,15 @@
-//! `--worker-ready notify`: systemd's readiness protocol (`sd_notify(3)`) for
-//! external workers. Each worker gets `NOTIFY_SOCKET` naming a datagram
-//! socket of the supervisor (in the abstract namespace, so a read-only root
-//! filesystem is fine); a worker, or any process it started, that sends
-//! `READY=1` marks that worker as up. gunicorn sends it once its master has
-//! booted. The sender is identified by the kernel (`SCM_CREDENTIALS`), never
-//! by what it claims. This module only listens; the supervisor decides.
+//! `--worker-ready auto` and `notify`: systemd's readiness protocol
+//! (`sd_notify(3)`) for external workers. Each worker gets `NOTIFY_SOCKET`
+//! naming a datagram socket of the supervisor, a file in a private directory
+//! (a read-only root filesystem needs a writable `$TMPDIR`, e.g. an
+//! `emptyDir` on `/tmp`, which the chart mounts); a worker, or any process it
+//! started, that sends `READY=1` marks that worker as up. gunicorn and puma
+//! send it once booted. The sender is identified by the kernel
+//! (`SCM_CREDENTIALS`), never by what it claims. This module only listens;
+//! the supervisor decides.
 
 use std::io::IoSliceMut;
 use std::os::fd::AsRawFd;
-use std::os::linux::net::SocketAddrExt;
 
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
 use tokio::io::Interest;
@@ -18,22 +19,46 @@ use tokio::sync::mpsc;
 /// The socket and the `NOTIFY_SOCKET` value that names it.
 pub struct NotifySocket {
     socket: UnixDatagram,
-    /// `@drover-notify-<pid>`.
+    /// The `NOTIFY_SOCKET` value: the socket's path.
     pub env_value: String,
 }
 
+/// The private directory of the notify socket, removed when dropped.
+#[derive(Debug)]
+pub struct NotifyDir(std::path::PathBuf);
+
+impl Drop for NotifyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl NotifySocket {
-    /// Binds the supervisor's notify socket.
-    pub fn bind() -> std::io::Result<NotifySocket> {
-        let name = format!("drover-notify-{}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-        let std = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+    /// Binds the supervisor's notify socket as a file in a private directory
+    /// (mode 0700) under `$TMPDIR`: every sd_notify client takes a path
+    /// (Ruby's and puma's take nothing else), and two drovers that are both
+    /// PID 1 in one network namespace (two containers of a pod share its
+    /// abstract socket names) never collide. The directory goes when the
+    /// returned guard is dropped.
+    pub fn bind() -> std::io::Result<(NotifySocket, NotifyDir)> {
+        use std::os::unix::fs::DirBuilderExt;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!("drover-{}-{nanos:08x}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let guard = NotifyDir(dir.clone());
+        let path = dir.join("notify");
+        let std = std::os::unix::net::UnixDatagram::bind(&path)?;
         setsockopt(&std, sockopt::PassCred, &true).map_err(std::io::Error::from)?;
         std.set_nonblocking(true)?;
-        Ok(NotifySocket {
-            socket: UnixDatagram::from_std(std)?,
-            env_value: format!("@{name}"),
-        })
+        Ok((
+            NotifySocket {
+                socket: UnixDatagram::from_std(std)?,
+                env_value: path.display().to_string(),
+            },
+            guard,
+        ))
     }
 
     /// Sends the pid of every process that reports `READY=1`, until `tx`

@@ -132,9 +132,18 @@ impl Plan {
         matches!(self.app, AppKind::Builtin) && self.workers() == 1
     }
 
-    /// Whether external workers report readiness with sd_notify.
+    /// Whether external workers may report readiness with sd_notify.
     pub fn notify(&self) -> bool {
-        matches!(self.app, AppKind::Command { .. }) && self.args.worker_ready == WorkerReady::Notify
+        matches!(self.app, AppKind::Command { .. })
+            && matches!(
+                self.args.worker_ready,
+                WorkerReady::Notify | WorkerReady::Auto
+            )
+    }
+
+    /// Whether external workers are up once seen accepting on the socket.
+    pub fn detect_accepting(&self) -> bool {
+        matches!(self.app, AppKind::Command { .. }) && self.args.worker_ready == WorkerReady::Auto
     }
 
     /// The pool's settings: its rules and how it tells workers to leave.
@@ -143,6 +152,7 @@ impl Plan {
             policy: Policy {
                 restart: self.args.restart,
                 graceful: self.drain.graceful,
+                ready_timeout: self.args.worker_ready_timeout,
                 backoff: BackoffLimits::default(),
                 lanes: crate::metrics::LANES,
             },

@@ -190,7 +190,16 @@ fn failed_starts_back_off_even_after_a_long_healthy_run() {
     let script = dir.file("worker.sh", "#!/bin/sh\nexec sleep 1000\n");
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let s = script.display().to_string();
-    let mut d = start(&["--workers", "1", "--graceful-timeout", "2s", "--", &s]);
+    let mut d = start(&[
+        "--workers",
+        "1",
+        "--graceful-timeout",
+        "2s",
+        "--worker-ready",
+        "running",
+        "--",
+        &s,
+    ]);
     d.wait_ready();
     let pid = wait_started(&d, 1)[0].1;
     // Long enough that the worker counts as healthy (its backoff is reset).
@@ -643,6 +652,8 @@ fn sigttin_past_1024_workers_is_refused() {
         "1024",
         "--graceful-timeout",
         "5s",
+        "--worker-ready",
+        "running",
         "--",
         "sleep",
         "1000",

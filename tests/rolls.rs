@@ -53,11 +53,14 @@ fn wait_for(d: &Drover, what: &str, limit: Duration, mut cond: impl FnMut() -> b
     assert!(eventually(limit, &mut cond), "{what}:\n{}", d.log_text());
 }
 
+/// One answer: its latency, and its JSON body unless it failed.
+type Answer = (Duration, Option<serde_json::Value>);
+
 /// Steady load: `GET /` on a new connection every 10 ms from 2 threads;
 /// every answer's latency and JSON body are kept.
 struct Load {
     stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<(Duration, Option<serde_json::Value>)>>>,
+    results: Arc<Mutex<Vec<Answer>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -88,7 +91,7 @@ impl Load {
         }
     }
 
-    fn snapshot(&self) -> Vec<(Duration, Option<serde_json::Value>)> {
+    fn snapshot(&self) -> Vec<Answer> {
         self.results.lock().unwrap().clone()
     }
 
@@ -101,7 +104,11 @@ impl Load {
         let r = self.results.lock().unwrap();
         let failed = r.iter().filter(|(_, a)| a.is_none()).count();
         let max = r.iter().map(|(l, _)| *l).max().unwrap_or_default();
-        (r.iter().filter_map(|(_, a)| a.clone()).collect(), failed, max)
+        (
+            r.iter().filter_map(|(_, a)| a.clone()).collect(),
+            failed,
+            max,
+        )
     }
 }
 
@@ -134,7 +141,9 @@ fn a_bad_contexts_change_halts_the_roll_and_loses_nothing() {
     // 10 s later the old workers still serve, with their old contexts.
     std::thread::sleep(Duration::from_secs(10));
     let late: Vec<_> = load.snapshot().into_iter().rev().take(50).collect();
-    assert!(late.iter().all(|(_, a)| a.as_ref().is_some_and(|a| a["context"]["v"] == 1)));
+    assert!(late
+        .iter()
+        .all(|(_, a)| a.as_ref().is_some_and(|a| a["context"]["v"] == 1)));
     assert_eq!(d.metric("drover_rolls_total{result=\"halted\"}"), Some(1.0));
     assert_eq!(d.metric("drover_workers_running"), Some(2.0));
     let readyz = http(d.admin, "GET", "/readyz", &[]).unwrap();
@@ -142,16 +151,27 @@ fn a_bad_contexts_change_halts_the_roll_and_loses_nothing() {
     let m = d.metrics_text();
     assert!(
         m.contains("drover_contexts_info{source=\"file\",version=\"")
-            && !m.contains(&content_version("- {v: 2, bad: true}\n- {v: 2, bad: true}\n")),
+            && !m.contains(&content_version(
+                "- {v: 2, bad: true}\n- {v: 2, bad: true}\n"
+            )),
         "contexts_info must name the version in force:\n{m}"
     );
-    assert!(d.log_contains("exit code 1"), "the worker's exit status is logged");
+    assert!(
+        d.log_contains("exit code 1"),
+        "the worker's exit status is logged"
+    );
     // A good change rolls through.
     rewrite(&file, "- {v: 3}\n- {v: 3}\n");
-    wait_for(&d, "the good change did not roll", Duration::from_secs(15), || {
-        log_count(&d, "rolling restart done") == 1
-    });
-    assert_eq!(d.metric("drover_rolls_total{result=\"success\"}"), Some(1.0));
+    wait_for(
+        &d,
+        "the good change did not roll",
+        Duration::from_secs(15),
+        || log_count(&d, "rolling restart done") == 1,
+    );
+    assert_eq!(
+        d.metric("drover_rolls_total{result=\"success\"}"),
+        Some(1.0)
+    );
     std::thread::sleep(Duration::from_millis(300));
     let (answers, failed, _) = load.finish();
     assert_eq!(failed, 0, "requests failed during a halted roll");
@@ -183,15 +203,21 @@ fn hup_with_a_slow_booting_app_never_stalls_the_service() {
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     send(d.pid, 1);
-    wait_for(&d, "the roll did not finish", Duration::from_secs(15), || {
-        log_count(&d, "rolling restart done") == 1
-    });
+    wait_for(
+        &d,
+        "the roll did not finish",
+        Duration::from_secs(15),
+        || log_count(&d, "rolling restart done") == 1,
+    );
     let took = t0.elapsed();
     std::thread::sleep(Duration::from_millis(300));
     let (_, failed, max) = load.finish();
     assert_eq!(failed, 0);
     assert!(max < Duration::from_millis(100), "max latency {max:?}");
-    assert!(took >= Duration::from_millis(3800), "the roll took {took:?}: not one at a time");
+    assert!(
+        took >= Duration::from_millis(3800),
+        "the roll took {took:?}: not one at a time"
+    );
     d.signal(15);
     assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
@@ -202,14 +228,20 @@ fn a_contexts_change_with_a_slow_booting_app_never_stalls_the_service() {
     let dir = TempDir::new("slow-change");
     let file = dir.file("contexts.yaml", "- {v: 1}\n- {v: 1}\n");
     let f = file.display().to_string();
-    let mut d = external(&["--worker-contexts-file", &f], &["--ready-after", "2", "--no-notify"]);
+    let mut d = external(
+        &["--worker-contexts-file", &f],
+        &["--ready-after", "2", "--no-notify"],
+    );
     d.wait_ready();
     let load = Load::start(d.app());
     std::thread::sleep(Duration::from_millis(300));
     rewrite(&file, "- {v: 2}\n- {v: 2}\n");
-    wait_for(&d, "the roll did not finish", Duration::from_secs(15), || {
-        log_count(&d, "rolling restart done") == 1
-    });
+    wait_for(
+        &d,
+        "the roll did not finish",
+        Duration::from_secs(15),
+        || log_count(&d, "rolling restart done") == 1,
+    );
     std::thread::sleep(Duration::from_millis(300));
     let (answers, failed, max) = load.finish();
     assert_eq!(failed, 0);
@@ -264,7 +296,10 @@ fn notify_socket_is_a_path_that_path_only_clients_can_use() {
         .expect("the notify socket is logged");
     let dir = std::path::Path::new(&path).parent().unwrap().to_path_buf();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     d.signal(15);
     assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert!(!dir.exists(), "{} left behind", dir.display());
@@ -274,6 +309,17 @@ fn notify_socket_is_a_path_that_path_only_clients_can_use() {
 /// network namespace (two containers of a pod), both start with notify.
 #[test]
 fn two_drovers_as_pid_1_in_one_network_namespace_both_start() {
+    /// Kills the `unshare`s (and with them their drovers) even if the test
+    /// fails half-way.
+    struct Kids(Vec<std::process::Child>);
+    impl Drop for Kids {
+        fn drop(&mut self) {
+            for k in &mut self.0 {
+                let _ = k.kill();
+                let _ = k.wait();
+            }
+        }
+    }
     let fx = fixture();
     let mut kids = Vec::new();
     for _ in 0..2 {
@@ -281,9 +327,21 @@ fn two_drovers_as_pid_1_in_one_network_namespace_both_start() {
             .args(["--pid", "--fork", "--kill-child", "--mount-proc"])
             .arg(bin())
             .args([
-                "--host", "127.0.0.1", "--port", "0", "--admin-host", "127.0.0.1",
-                "--admin-port", "0", "--worker-ready", "notify", "--workers", "1", "--",
-                "python3", &fx,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--admin-host",
+                "127.0.0.1",
+                "--admin-port",
+                "0",
+                "--worker-ready",
+                "notify",
+                "--workers",
+                "1",
+                "--",
+                "python3",
+                &fx,
             ])
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
@@ -293,23 +351,27 @@ fn two_drovers_as_pid_1_in_one_network_namespace_both_start() {
     }
     // Each logs "worker reported READY=1" once its worker is up.
     let mut logs = Vec::new();
-    for mut k in kids {
+    for k in &mut kids {
         let stderr = k.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let _ = tx.send(line);
             }
         });
-        logs.push((k, rx));
+        logs.push(rx);
     }
-    for (k, rx) in &mut logs {
+    let mut kids = Kids(kids);
+    for (k, rx) in kids.0.iter_mut().zip(&logs) {
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut seen = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l.contains("READY=1") => break,
+                Ok(l) if l.contains("worker reported READY=1") => break,
                 Ok(l) => seen.push(l),
                 Err(_) => {}
             }
@@ -320,10 +382,11 @@ fn two_drovers_as_pid_1_in_one_network_namespace_both_start() {
             );
         }
     }
-    for (mut k, _) in logs {
-        send(k.id(), 15);
-        let _ = k.wait();
-    }
+    // Dropping `kids` kills each unshare; --kill-child takes its drover
+    // (and so the workers) down with it.
+    kids.0
+        .iter_mut()
+        .for_each(|k| assert!(k.try_wait().unwrap().is_none()));
 }
 
 /// A worker that never accepts: the drain does not wait for the accept
@@ -331,7 +394,14 @@ fn two_drovers_as_pid_1_in_one_network_namespace_both_start() {
 #[test]
 fn a_worker_that_never_accepts_gets_the_stop_signal_well_before_the_timeout() {
     let mut d = external(
-        &["--workers", "1", "--worker-ready", "running", "--graceful-timeout", "20s"],
+        &[
+            "--workers",
+            "1",
+            "--worker-ready",
+            "running",
+            "--graceful-timeout",
+            "20s",
+        ],
         &["--never-accept"],
     );
     d.wait_ready();
@@ -344,7 +414,11 @@ fn a_worker_that_never_accepts_gets_the_stop_signal_well_before_the_timeout() {
     let t0 = Instant::now();
     d.signal(15);
     let st = d.wait_exit(Duration::from_secs(15));
-    assert!(t0.elapsed() < Duration::from_secs(5), "the drain waited {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the drain waited {:?}",
+        t0.elapsed()
+    );
     assert_eq!(st.code(), Some(0), "{}", d.log_text());
 }
 
@@ -360,5 +434,9 @@ fn a_worker_killed_by_the_stop_signal_is_reported_and_exits_1() {
     d.signal(15);
     let st = d.wait_exit(Duration::from_secs(10));
     assert_eq!(st.code(), Some(1), "{}", d.log_text());
-    assert!(d.log_contains("killed by --stop-signal"), "{}", d.log_text());
+    assert!(
+        d.log_contains("killed by --stop-signal"),
+        "{}",
+        d.log_text()
+    );
 }

@@ -21,7 +21,10 @@ pub(crate) struct ContextsWatch {
     /// The text in force.
     text: String,
     /// `configmap`, `file` or `none` (the info metric's label).
-    source: &'static str,
+    pub(crate) source: &'static str,
+    /// The version of the last change handed out by [`ContextsWatch::next`]:
+    /// in force once the pool has rolled it (`drover_contexts_info`).
+    pub(crate) version: String,
     workers: Option<Workers>,
     policy: OnContextsChange,
     /// Checks contexts against the app's type (built-in and library apps).
@@ -61,6 +64,7 @@ impl ContextsWatch {
             rx: Some(rx),
             text: plan.contexts_text.clone(),
             source,
+            version: plan.contexts_version.clone(),
             workers: plan.args.workers,
             policy: plan.args.on_contexts_change,
             validate: matches!(plan.app, AppKind::Builtin).then_some(validate),
@@ -134,7 +138,7 @@ impl ContextsWatch {
         // Only contexts in force decide whether SIGTTIN/SIGTTOU may change
         // the count (an ignored change does not).
         self.per_worker = matches!(parsed, contexts::Contexts::PerWorker(_));
-        self.metrics.set_contexts(self.source, &u.version);
+        self.version = u.version.clone();
         tracing::info!(
             version = u.version,
             "new worker contexts from {}: rolling restart",

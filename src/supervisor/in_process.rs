@@ -83,6 +83,7 @@ pub async fn run(
     };
     // New contexts: new connections get a service built from them (the
     // in-process form of a rolling restart); open ones finish on the old.
+    let app_metrics = app.metrics.clone();
     let reload = async {
         loop {
             let Some(contexts) = watch.next(true).await else {
@@ -91,6 +92,7 @@ pub async fn run(
             match factory(0, 1, contexts[0].clone()) {
                 Ok(svc) => {
                     svc_tx.send_replace(svc);
+                    app_metrics.set_contexts(watch.source, &watch.version);
                     tracing::info!("new connections are served with the new context");
                 }
                 Err(e) => tracing::error!("{e}; keeping the last good context"),

@@ -139,7 +139,10 @@ async fn supervise(
         sigchld,
     );
     if plan.notify() {
-        pool.listen_for_notify()?;
+        pool.listen_for_notify(!plan.detect_accepting())?;
+    }
+    if plan.detect_accepting() {
+        pool.detect_accepting();
     }
     pool.start().await?;
     let mut watch = watch;

@@ -68,6 +68,21 @@ pub fn signal_with_group(child: i32, sig: libc::c_int) {
     sys::kill(child, sig);
 }
 
+/// Whether `pid` has a handler for `sig` (or ignores it): bit `sig` of
+/// SigCgt or SigIgn in /proc/PID/status.
+pub fn catches(pid: i32, sig: libc::c_int) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status.lines().any(|l| {
+        (l.starts_with("SigCgt:") || l.starts_with("SigIgn:"))
+            && l.split_whitespace()
+                .nth(1)
+                .and_then(|m| u64::from_str_radix(m, 16).ok())
+                .is_some_and(|m| sig > 0 && m & (1u64 << (sig - 1)) != 0)
+    })
+}
+
 /// Sends `sig` to `child` only.
 pub fn signal(child: i32, sig: libc::c_int) {
     sys::kill(child, sig);

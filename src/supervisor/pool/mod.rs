@@ -11,6 +11,7 @@
 //!
 //! [`procs`]: super::procs
 
+mod accepting;
 pub mod policy;
 pub mod spawn;
 pub mod table;
@@ -47,18 +48,33 @@ pub struct PoolSettings {
     pub ready_when_running: bool,
 }
 
+/// What the pool holds of a process besides what the rules see.
+#[derive(Debug, Default)]
+pub struct ProcOs {
+    /// The supervisor's end of its control socket (drover's own workers).
+    ctl: Option<SupervisorEnd>,
+    /// It had no handler for `--stop-signal` when it was sent.
+    stop_unhandled: bool,
+}
+
 /// A message from a worker's control socket, or a `READY=1`.
 enum Message {
     Control(i32, ToSupervisor),
     Notified(i32),
 }
 
+/// How often starting workers are looked at for accepting.
+const LOOK_EVERY: Duration = Duration::from_millis(20);
+
+/// How long the drain waits for an accept queue that does not shrink.
+const QUEUE_STALL: Duration = Duration::from_secs(1);
+
 /// How long the exit sweep may take to kill and reap what is left.
 const SWEEP_LIMIT: Duration = Duration::from_secs(5);
 
 /// The pool: the rules' state and the OS handles they act on.
 pub struct Pool {
-    lc: Lifecycle<Option<SupervisorEnd>>,
+    lc: Lifecycle<ProcOs>,
     spawner: Spawner,
     /// The supervisor's copy of the socket: kept to start replacements,
     /// closed when accepting stops.
@@ -71,6 +87,13 @@ pub struct Pool {
     sigchld: Signal,
     messages_tx: mpsc::UnboundedSender<Message>,
     messages: mpsc::UnboundedReceiver<Message>,
+    /// (source, version) of the contexts change being rolled: reported in
+    /// force (`drover_contexts_info`) once its roll is done.
+    pending_version: Option<(&'static str, String)>,
+    /// The notify socket's private directory, removed with the pool.
+    notify_dir: Option<crate::notify::NotifyDir>,
+    /// The listener's inode, when workers count as up once seen accepting.
+    detect: Option<u64>,
 }
 
 impl Pool {
@@ -105,15 +128,40 @@ impl Pool {
             sigchld,
             messages_tx,
             messages,
+            pending_version: None,
+            notify_dir: None,
+            detect: None,
         }
     }
 
     /// Listens for `READY=1` from the workers (sd_notify): sets their
-    /// `NOTIFY_SOCKET`.
-    pub fn listen_for_notify(&mut self) -> Result<()> {
-        let socket = crate::notify::NotifySocket::bind()
-            .map_err(|e| Error::io("cannot bind the NOTIFY_SOCKET for --worker-ready notify", e))?;
+    /// `NOTIFY_SOCKET`. With `required` false (`--worker-ready auto`) a
+    /// socket that cannot be made is a warning: workers are then up once
+    /// seen accepting.
+    pub fn listen_for_notify(&mut self, required: bool) -> Result<()> {
+        let (socket, dir) = match crate::notify::NotifySocket::bind() {
+            Ok(s) => s,
+            Err(e) if !required => {
+                tracing::warn!(
+                    error = %e,
+                    dir = %std::env::temp_dir().display(),
+                    "no sd_notify socket for the workers (TMPDIR is not writable): they count as up once seen accepting"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!(
+                        "cannot create the sd_notify socket for --worker-ready notify in {} (set TMPDIR to a writable directory)",
+                        std::env::temp_dir().display()
+                    ),
+                    e,
+                ))
+            }
+        };
+        tracing::info!(path = %socket.env_value, "sd_notify socket for the workers' READY=1");
         self.spawner.notify_socket = Some(socket.env_value.clone());
+        self.notify_dir = Some(dir);
         let (tx, mut rx) = mpsc::unbounded_channel();
         tokio::spawn(socket.run(tx));
         let messages = self.messages_tx.clone();
@@ -127,11 +175,56 @@ impl Pool {
         Ok(())
     }
 
+    /// Counts external workers as up once they are seen accepting on the
+    /// shared socket (`--worker-ready auto`).
+    pub fn detect_accepting(&mut self) {
+        self.detect = self.listener.as_ref().and_then(accepting::inode);
+    }
+
+    /// Whether a worker is starting whose accepting is to be looked for.
+    fn looking(&self) -> bool {
+        self.detect.is_some()
+            && self
+                .lc
+                .table
+                .procs
+                .values()
+                .any(|p| p.phase == table::Phase::Starting && p.slot.is_some())
+    }
+
+    /// Looks whether starting workers accept yet.
+    fn look(&mut self) {
+        let Some(ino) = self.detect else { return };
+        let starting: Vec<(i32, usize)> = self
+            .lc
+            .table
+            .procs
+            .iter()
+            .filter(|(_, p)| p.phase == table::Phase::Starting)
+            .filter_map(|(&pid, p)| p.slot.map(|s| (pid, s)))
+            .collect();
+        for (pid, slot) in starting {
+            if accepting::accepting(pid, ino) {
+                tracing::info!(worker = slot, pid, "worker is accepting: up");
+                self.lc.ready(pid);
+            }
+        }
+    }
+
     /// Starts every worker once: a command that cannot be executed at all is
     /// a configuration error, not a crash loop.
     pub async fn start(&mut self) -> Result<()> {
-        for slot in 0..self.lc.table.slots.len() {
-            if let Err(e) = self.spawn(slot) {
+        for action in self.lc.settle(Instant::now()) {
+            let Action::Spawn {
+                slot,
+                context,
+                workers,
+                for_roll,
+            } = action
+            else {
+                continue;
+            };
+            if let Err(e) = self.spawn(slot, context, workers, for_roll) {
                 let err = self.spawner.start_error(e);
                 tracing::error!(worker = slot, "{err}");
                 let actions = self.lc.kill_all(Instant::now());
@@ -180,6 +273,7 @@ impl Pool {
                 Some(c) = control.recv() => self.on_control(c),
                 Some(contexts) = watch.next(false) => {
                     let per_worker = watch.per_worker;
+                    self.pending_version = Some((watch.source, watch.version.clone()));
                     let actions = self.lc.contexts_changed(&contexts, per_worker, Instant::now());
                     self.execute(actions);
                     if self.lc.rolling() {
@@ -187,6 +281,7 @@ impl Pool {
                     }
                 }
                 _ = sleep_until_opt(next) => {}
+                _ = tokio::time::sleep(LOOK_EVERY), if self.looking() => self.look(),
             }
         }
     }
@@ -211,8 +306,7 @@ impl Pool {
                 if !self.lc.draining() {
                     tracing::info!("SIGHUP: rolling restart, one worker at a time");
                 }
-                self.lc.hup();
-                vec![]
+                self.lc.hup(now)
             }
             Control::Ttin => {
                 let before = self.lc.table.desired();
@@ -293,11 +387,19 @@ impl Pool {
         let mut queue: VecDeque<Action> = actions.into();
         while let Some(a) = queue.pop_front() {
             match a {
-                Action::Spawn { slot } => {
-                    if let Err(e) = self.spawn(slot) {
+                Action::Spawn {
+                    slot,
+                    context,
+                    workers,
+                    for_roll,
+                } => {
+                    if !self.lc.wants_spawn(slot) {
+                        continue;
+                    }
+                    if let Err(e) = self.spawn(slot, context, workers, for_roll) {
                         let err = self.spawner.start_error(e);
                         tracing::error!(worker = slot, "worker could not be started: {err}");
-                        queue.extend(self.lc.spawn_failed(slot, Instant::now()));
+                        queue.extend(self.lc.spawn_failed(slot, for_roll, Instant::now()));
                     }
                 }
                 Action::Leave { pid } => self.leave(pid),
@@ -323,20 +425,50 @@ impl Pool {
                         tracing::info!(worker = slot, delay = ?delay, "restarting worker after backoff");
                     }
                 }
-                Action::RollDone => tracing::info!("rolling restart done"),
+                Action::RollDone { change } => {
+                    self.metrics.rolls.with_label_values(&["success"]).inc();
+                    tracing::info!("rolling restart done");
+                    if change {
+                        self.on_change_in_force();
+                    }
+                }
+                Action::RollHalted { slot } => {
+                    self.metrics.rolls.with_label_values(&["halted"]).inc();
+                    tracing::error!(
+                        worker = slot,
+                        "rolling restart halted: the new worker did not come up; the old workers keep serving with the contexts in force (SIGHUP or the next change tries again)"
+                    );
+                }
+                Action::NotUp { slot, pid } => tracing::error!(
+                    worker = slot,
+                    pid,
+                    timeout = ?self.settings.policy.ready_timeout,
+                    "worker not up within --worker-ready-timeout: a failed start"
+                ),
                 Action::Refused(why) => tracing::warn!("{why}"),
             }
         }
     }
 
+    /// The contexts change just rolled is in force.
+    fn on_change_in_force(&mut self) {
+        if let Some((source, version)) = self.pending_version.take() {
+            self.metrics.set_contexts(source, &version);
+        }
+    }
+
     /// Starts a process for `slot`.
-    fn spawn(&mut self, slot: usize) -> std::io::Result<()> {
+    fn spawn(
+        &mut self,
+        slot: usize,
+        context: serde_json::Value,
+        workers: usize,
+        for_roll: bool,
+    ) -> std::io::Result<()> {
         let Some(listener) = &self.listener else {
             return Ok(());
         };
         let lane = self.lc.free_lane(slot);
-        let workers = self.lc.table.desired();
-        let context = self.lc.table.slots[slot].context.clone();
         let tx = self.messages_tx.clone();
         let pid_cell = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let cell = pid_cell.clone();
@@ -351,9 +483,14 @@ impl Pool {
         self.lc.spawned(
             slot,
             started.pid,
+            context,
+            for_roll,
             lane,
             ready,
-            Some(started.ctl),
+            ProcOs {
+                ctl: Some(started.ctl),
+                stop_unhandled: false,
+            },
             Instant::now(),
         );
         self.metrics
@@ -371,13 +508,22 @@ impl Pool {
 
     /// Tells `pid` to leave: drover's own workers stop accepting and finish;
     /// anything else gets `--stop-signal`.
-    fn leave(&self, pid: i32) {
-        let Some(p) = self.lc.table.procs.get(&pid) else {
+    fn leave(&mut self, pid: i32) {
+        let stop_signal = self.settings.stop_signal;
+        let own = self.spawner.own();
+        let Some(p) = self.lc.table.procs.get_mut(&pid) else {
             return;
         };
-        match (&p.handle, p.slot, self.spawner.own()) {
+        match (&p.handle.ctl, p.slot, own) {
             (Some(ctl), Some(_), true) => ctl.send(ToWorker::StopAccepting),
-            _ => procs::signal(pid, self.settings.stop_signal),
+            _ => {
+                // Whether it has a handler for the signal, seen before it
+                // gets it: dying of it then means it was cut off (no
+                // handler), not that it re-raised it after a graceful stop
+                // (uvicorn does).
+                p.handle.stop_unhandled = !procs::catches(pid, stop_signal);
+                procs::signal(pid, stop_signal);
+            }
         }
     }
 
@@ -420,6 +566,22 @@ impl Pool {
                         .pod
                         .process_exited(slot, exited.cpu_seconds, p.lane);
                     let generation = p.generation;
+                    let stop_signal = self.settings.stop_signal;
+                    if exited.signal == Some(stop_signal)
+                        && p.handle.stop_unhandled
+                        && p.was_up
+                        && matches!(phase, table::Phase::Leaving { .. })
+                    {
+                        // It had no handler for its stop signal: whatever
+                        // it was serving was cut, by the app, not by drover.
+                        tracing::error!(
+                            worker = slot,
+                            pid,
+                            signal = stop_signal,
+                            "worker was killed by --stop-signal (it has no handler for it): requests it was serving were lost; give the app a handler or choose another --stop-signal"
+                        );
+                        self.lc.note_lost_work();
+                    }
                     if self.lc.draining() {
                         tracing::info!(worker = slot, pid, generation, "worker exited ({how})");
                     } else if matches!(phase, table::Phase::Leaving { .. } | table::Phase::Replaced)
@@ -455,7 +617,7 @@ impl Pool {
                     pid,
                     "a worker left this process behind: sent it --stop-signal"
                 );
-                let actions = self.lc.adopt(pid, None, now);
+                let actions = self.lc.adopt(pid, ProcOs::default(), now);
                 self.execute(actions);
             }
         }
@@ -502,7 +664,7 @@ impl Serving for Pool {
         self.workers_up.store(false, Ordering::Release);
         if self.spawner.own() {
             for p in self.lc.table.procs.values() {
-                if let Some(ctl) = &p.handle {
+                if let Some(ctl) = &p.handle.ctl {
                     ctl.send(ToWorker::Draining);
                 }
             }
@@ -564,7 +726,10 @@ impl Serving for Pool {
 }
 
 impl Pool {
-    /// Waits (bounded by `deadline`) until the accept queue is empty.
+    /// Waits until the accept queue is empty, but only while it shrinks: a
+    /// queue that has not shrunk for a while (no worker accepts: a server
+    /// started without its socket flag, a hung one) must not use up
+    /// `--graceful-timeout` that work in flight needs.
     async fn wait_queue_empty(&mut self, l: &Listener, deadline: Instant) {
         let Some(first) = l.queued() else { return };
         if first == 0 {
@@ -574,10 +739,22 @@ impl Pool {
             queued = first,
             "letting the workers accept the connections already queued"
         );
-        while l.queued().unwrap_or(0) > 0
-            && Instant::now() < deadline
-            && self.lc.table.workers_alive() > 0
-        {
+        let stall = (self.settings.policy.graceful / 4).min(QUEUE_STALL);
+        let (mut last, mut moved) = (first, Instant::now());
+        while Instant::now() < deadline && self.lc.table.workers_alive() > 0 {
+            let now = l.queued().unwrap_or(0);
+            if now == 0 {
+                return;
+            }
+            if now < last {
+                (last, moved) = (now, Instant::now());
+            } else if moved.elapsed() >= stall {
+                tracing::warn!(
+                    queued = now,
+                    "the accept queue has not shrunk for {stall:?}: no worker is accepting; stopping the workers anyway"
+                );
+                return;
+            }
             tokio::select! {
                 _ = self.sigchld.recv() => self.reap(),
                 _ = tokio::time::sleep(Duration::from_millis(2)) => {}

@@ -1,17 +1,31 @@
 //! The pool's rules as a pure state machine over the [process table]:
 //! whether and when a worker is restarted (policy and backoff, failed starts
-//! included), how a roll replaces one worker at a time, what SIGTTIN, SIGTTOU
-//! and a contexts change do to the slots, what the drain tells each process,
-//! when something overdue is killed, and when the pool is over. Each entry
-//! point takes the time and returns [`Action`]s; the event loop (`pool`)
-//! carries them out. Nothing here makes a system call, so a test can drive
-//! any sequence of events (see the model test below).
+//! included), how a roll replaces one worker at a time and halts when a
+//! replacement fails, what SIGTTIN, SIGTTOU and a contexts change do to the
+//! slots, when a starting worker has taken too long, what the drain tells
+//! each process, when something overdue is killed, and when the pool is
+//! over. Each entry point takes the time and returns [`Action`]s; the event
+//! loop (`pool`) carries them out. Nothing here makes a system call, so a
+//! test can drive any sequence of events (see the model test below).
+//!
+//! # Rolls
+//! A roll (SIGHUP, a contexts change) replaces one worker at a time: the old
+//! process keeps serving ([`Phase::Replaced`]) until its successor is up,
+//! so a roll never lowers capacity. A change that adds workers starts them
+//! at once; one that removes workers retires them only once every other
+//! part of the change is up. If a process started for the roll exits before
+//! it is up, cannot be started, or is not up within `--worker-ready-timeout`,
+//! the roll **halts**: the replaced process serves on, workers the change
+//! added leave, workers it would have removed stay, every slot keeps the
+//! context in force, and the next change — or SIGHUP, which retries the
+//! halted change — tries again.
 //!
 //! [process table]: super::table
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::time::Instant;
 
 use super::table::{BackoffLimits, Phase, Pid, Proc, Slot, Table};
@@ -24,6 +38,8 @@ pub struct Policy {
     pub restart: Restart,
     /// `--graceful-timeout`: how long a leaving process has.
     pub graceful: Duration,
+    /// `--worker-ready-timeout`: how long a process may take to come up.
+    pub ready_timeout: Duration,
     /// Restart backoff.
     pub backoff: BackoffLimits,
     /// In-flight lanes per slot in the metrics region.
@@ -33,11 +49,18 @@ pub struct Policy {
 /// What the event loop must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Start a process for `slot` (then report [`Lifecycle::spawned`] or
+    /// Start a process for `slot` with `context`, telling it the pod runs
+    /// `workers` (then report [`Lifecycle::spawned`] or
     /// [`Lifecycle::spawn_failed`]).
     Spawn {
         /// The slot.
         slot: usize,
+        /// Its context.
+        context: Value,
+        /// `DROVER_WORKERS`.
+        workers: usize,
+        /// Started for a roll (its failure halts the roll).
+        for_roll: bool,
     },
     /// Tell `pid` to leave: stop accepting and finish (drover's own
     /// workers), else `--stop-signal`.
@@ -57,10 +80,42 @@ pub enum Action {
         /// Its backoff.
         delay: Duration,
     },
-    /// A roll finished: every slot it named was replaced.
-    RollDone,
+    /// `pid` of `slot` was not up within `--worker-ready-timeout`.
+    NotUp {
+        /// The slot.
+        slot: usize,
+        /// The process.
+        pid: Pid,
+    },
+    /// A roll finished: every worker it named was replaced and is up.
+    RollDone {
+        /// It applied a contexts change (now in force).
+        change: bool,
+    },
+    /// A roll halted: a process it started for `slot` did not come up.
+    RollHalted {
+        /// The slot.
+        slot: usize,
+    },
     /// A request was refused (log it).
     Refused(&'static str),
+}
+
+/// A roll in progress.
+#[derive(Debug, Clone)]
+struct Roll {
+    /// Slots still to replace, in order (the one being replaced now is the
+    /// slot with a [`Phase::Replaced`] process).
+    queue: VecDeque<usize>,
+    /// The contexts change it applies, if any (None: SIGHUP).
+    change: Option<Change>,
+}
+
+/// A contexts change being applied.
+#[derive(Debug, Clone)]
+struct Change {
+    contexts: Vec<Value>,
+    per_worker: bool,
 }
 
 /// The pool's state: the table, the roll in progress, the drain.
@@ -70,34 +125,34 @@ pub struct Lifecycle<H> {
     pub policy: Policy,
     /// The one process table.
     pub table: Table<H>,
-    /// Slots a roll still has to replace, in order (the one being replaced
-    /// now is the slot with a [`Phase::Replaced`] process).
-    roll: Option<VecDeque<usize>>,
+    roll: Option<Roll>,
+    /// The last change whose roll halted: SIGHUP retries it.
+    halted: Option<Change>,
+    /// The worker count in force (`DROVER_WORKERS` of a restart).
+    workers: usize,
     /// The stop flag is set: nothing is started any more.
     draining: bool,
     /// The contexts in force give one item per worker (they fix the count).
     per_worker: bool,
-    /// Something was SIGKILLed during the drain (exit code 1).
-    killed_in_drain: bool,
+    /// Something was SIGKILLed, or killed by `--stop-signal`, during the
+    /// drain (exit code 1).
+    lost_in_drain: bool,
     /// Once accepting stopped: nothing lives past this.
     drain_deadline: Option<Instant>,
 }
 
 impl<H> Lifecycle<H> {
     /// A pool of one slot per context, all to be started at `now`.
-    pub fn new(
-        policy: Policy,
-        contexts: &[serde_json::Value],
-        per_worker: bool,
-        now: Instant,
-    ) -> Self {
+    pub fn new(policy: Policy, contexts: &[Value], per_worker: bool, now: Instant) -> Self {
         Lifecycle {
             policy,
             table: Table::new(contexts, now),
             roll: None,
+            halted: None,
+            workers: contexts.len(),
             draining: false,
             per_worker,
-            killed_in_drain: false,
+            lost_in_drain: false,
             drain_deadline: None,
         }
     }
@@ -107,22 +162,36 @@ impl<H> Lifecycle<H> {
         self.roll.is_some()
     }
 
+    /// Whether a contexts change is being rolled out.
+    fn changing(&self) -> bool {
+        self.roll.as_ref().is_some_and(|r| r.change.is_some())
+    }
+
     /// Whether the drain has begun.
     pub fn draining(&self) -> bool {
         self.draining
     }
 
-    /// Whether something had to be killed during the drain.
+    /// Whether something was killed during the drain.
     pub fn killed_in_drain(&self) -> bool {
-        self.killed_in_drain
+        self.lost_in_drain
     }
 
-    /// A process for `slot` was started as `pid`; `ready` when it counts as
-    /// up at once (`--worker-ready running`).
+    /// The drain lost work some other way (a worker killed by its stop
+    /// signal): the exit code is 1.
+    pub fn note_lost_work(&mut self) {
+        self.lost_in_drain |= self.draining;
+    }
+
+    /// A process for `slot` was started as `pid` with `context`; `ready`
+    /// when it counts as up at once (`--worker-ready running`).
+    #[allow(clippy::too_many_arguments)]
     pub fn spawned(
         &mut self,
         slot: usize,
         pid: Pid,
+        context: Value,
+        for_roll: bool,
         lane: Option<usize>,
         ready: bool,
         handle: H,
@@ -140,20 +209,40 @@ impl<H> Lifecycle<H> {
                 phase: if ready { Phase::Ready } else { Phase::Starting },
                 lane,
                 started: now,
+                context,
+                for_roll,
+                was_up: ready,
                 handle,
             },
         );
     }
 
     /// A start of `slot` failed (fork or exec): it counts as a run of no
-    /// length, so it backs off like a crash (bug: it was retried at once).
-    pub fn spawn_failed(&mut self, slot: usize, now: Instant) -> Vec<Action> {
+    /// length, so it backs off like a crash (it was once retried at once).
+    pub fn spawn_failed(&mut self, slot: usize, for_roll: bool, now: Instant) -> Vec<Action> {
+        let mut actions = vec![];
+        if for_roll {
+            actions.extend(self.halt(slot, now));
+        }
+        actions.extend(self.failed(slot, Duration::ZERO, true, now));
+        actions
+    }
+
+    /// The current process of `slot` ended (or never began) after `ran`:
+    /// restart it, with backoff, if the policy says so.
+    fn failed(&mut self, slot: usize, ran: Duration, failed: bool, now: Instant) -> Vec<Action> {
         let s = &mut self.table.slots[slot];
-        s.last_failed = true;
-        if self.policy.restart == Restart::Never || self.draining || s.removed {
+        s.last_failed = failed;
+        let restart = match self.policy.restart {
+            Restart::Always => true,
+            Restart::OnFailure => failed,
+            Restart::Never => false,
+        };
+        if !restart || self.draining || s.removed || self.table.current(slot).is_some() {
             return vec![];
         }
-        let delay = s.backoff.next_delay(Duration::ZERO, &self.policy.backoff);
+        let s = &mut self.table.slots[slot];
+        let delay = s.backoff.next_delay(ran, &self.policy.backoff);
         s.restart_at = Some(now + delay);
         vec![Action::Restart { slot, delay }]
     }
@@ -163,13 +252,29 @@ impl<H> Lifecycle<H> {
         self.table.free_lane(slot, self.policy.lanes)
     }
 
-    /// `pid` says it is up.
+    /// `pid` says it is up. A process started with its slot's new context
+    /// puts that context in force.
     pub fn ready(&mut self, pid: Pid) {
-        if let Some(p) = self.table.procs.get_mut(&pid) {
-            if p.phase == Phase::Starting {
-                p.phase = Phase::Ready;
+        let Some(p) = self.table.procs.get_mut(&pid) else {
+            return;
+        };
+        if p.phase != Phase::Starting {
+            return;
+        }
+        p.phase = Phase::Ready;
+        p.was_up = true;
+        if let Some(slot) = p.slot {
+            let s = &mut self.table.slots[slot];
+            if s.target.as_ref() == Some(&p.context) {
+                s.context = s.target.take().expect("just compared");
             }
         }
+    }
+
+    /// Whether a [`Action::Spawn`] for `slot` still stands (an action
+    /// carried out earlier in the same batch may have removed the slot).
+    pub fn wants_spawn(&self, slot: usize) -> bool {
+        !self.draining && !self.table.slots[slot].removed && self.table.current(slot).is_none()
     }
 
     /// `pid` was reaped; returns its entry (None if it was not in the table)
@@ -184,20 +289,13 @@ impl<H> Lifecycle<H> {
             return (None, vec![]);
         };
         let mut actions = vec![];
-        if let (Some(slot), Phase::Starting | Phase::Ready) = (proc.slot, proc.phase) {
-            // The slot's current process is gone.
-            let s = &mut self.table.slots[slot];
-            s.last_failed = failed;
-            let restart = match self.policy.restart {
-                Restart::Always => true,
-                Restart::OnFailure => failed,
-                Restart::Never => false,
-            };
-            if restart && !self.draining && !s.removed {
+        if let Some(slot) = proc.slot {
+            if proc.phase == Phase::Starting && proc.for_roll {
+                actions.extend(self.halt(slot, now));
+            }
+            if matches!(proc.phase, Phase::Starting | Phase::Ready) {
                 let ran = now.saturating_duration_since(proc.started);
-                let delay = s.backoff.next_delay(ran, &self.policy.backoff);
-                s.restart_at = Some(now + delay);
-                actions.push(Action::Restart { slot, delay });
+                actions.extend(self.failed(slot, ran, failed, now));
             }
         }
         (Some(proc), actions)
@@ -205,7 +303,7 @@ impl<H> Lifecycle<H> {
 
     /// A descendant a worker left behind became drover's child: it is told
     /// to leave and has `--graceful-timeout` (in a drain: at most until the
-    /// drain's deadline, which `stop_accepting` set on everything else).
+    /// drain's deadline).
     pub fn adopt(&mut self, pid: Pid, handle: H, now: Instant) -> Vec<Action> {
         if self.table.procs.contains_key(&pid) {
             return vec![];
@@ -225,18 +323,36 @@ impl<H> Lifecycle<H> {
                 },
                 lane: None,
                 started: now,
+                context: Value::Null,
+                for_roll: false,
+                was_up: false,
                 handle,
             },
         );
         vec![Action::Leave { pid }]
     }
 
-    /// SIGHUP: replace every worker, one at a time.
-    pub fn hup(&mut self) {
+    /// SIGHUP: replace every worker, one at a time; after a halted change,
+    /// try that change again.
+    pub fn hup(&mut self, now: Instant) -> Vec<Action> {
         if self.draining {
-            return;
+            return vec![];
         }
-        self.roll = Some(self.table.active_slots().collect());
+        if let Some(change) = self.halted.take() {
+            return self.contexts_changed(&change.contexts, change.per_worker, now);
+        }
+        let queue = self.table.active_slots().collect();
+        match &mut self.roll {
+            // A change in progress goes on, now over every worker.
+            Some(r) => r.queue = queue,
+            None => {
+                self.roll = Some(Roll {
+                    queue,
+                    change: None,
+                })
+            }
+        }
+        vec![]
     }
 
     /// SIGTTIN: one more worker (gunicorn's convention).
@@ -249,23 +365,22 @@ impl<H> Lifecycle<H> {
                 "SIGTTIN ignored: the contexts give one item per worker, so they fix the count",
             )];
         }
+        if self.changing() {
+            return vec![Action::Refused(
+                "SIGTTIN ignored: a contexts change is being rolled out",
+            )];
+        }
         if self.table.desired() >= MAX_WORKERS {
             return vec![Action::Refused(
                 "SIGTTIN ignored: 1024 workers is the most one drover runs",
             )];
         }
+        let context = self.table.slots[0].context.clone();
         match self.table.slots.iter().position(|s| s.removed) {
-            Some(i) => {
-                let s = &mut self.table.slots[i];
-                s.removed = false;
-                s.restart_at = Some(now);
-                s.backoff = Default::default();
-            }
-            None => {
-                let context = self.table.slots[0].context.clone();
-                self.table.slots.push(Slot::new(context, now));
-            }
+            Some(i) => self.table.slots[i].revive(context, now),
+            None => self.table.slots.push(Slot::new(context, now)),
         }
+        self.workers = self.table.desired();
         vec![]
     }
 
@@ -279,24 +394,33 @@ impl<H> Lifecycle<H> {
                 "SIGTTOU ignored: the contexts give one item per worker, so they fix the count",
             )];
         }
+        if self.changing() {
+            return vec![Action::Refused(
+                "SIGTTOU ignored: a contexts change is being rolled out",
+            )];
+        }
         let active: Vec<usize> = self.table.active_slots().collect();
         if active.len() <= 1 {
             return vec![Action::Refused(
                 "SIGTTOU ignored: one worker is the minimum",
             )];
         }
-        self.remove_slot(active[active.len() - 1], now)
+        let a = self.remove_slot(active[active.len() - 1], now);
+        self.workers = self.table.desired();
+        a
     }
 
     /// Takes `slot` out of the pool: every process of it leaves, the one
-    /// being replaced and its successor alike (bug: the replaced one served
-    /// on forever and the roll stalled).
+    /// being replaced and its successor alike.
     fn remove_slot(&mut self, slot: usize, now: Instant) -> Vec<Action> {
         let s = &mut self.table.slots[slot];
         s.removed = true;
+        s.added = false;
+        s.retiring = false;
+        s.target = None;
         s.restart_at = None;
         if let Some(r) = &mut self.roll {
-            r.retain(|&q| q != slot);
+            r.queue.retain(|&q| q != slot);
         }
         let deadline = now + self.policy.graceful;
         self.leave_where(|p| p.slot == Some(slot), deadline)
@@ -321,56 +445,90 @@ impl<H> Lifecycle<H> {
         actions
     }
 
-    /// New contexts are in force: slots are added or removed to match their
-    /// count, and the workers whose context changed (all, if the count
-    /// changed, since `DROVER_WORKERS` did) are rolled.
+    /// New contexts: rolled to the workers whose context changed (all, if
+    /// the count changed, since `DROVER_WORKERS` did), one at a time;
+    /// workers the change adds start now, workers it removes leave once the
+    /// rest is up. A change that arrives during a roll takes over from it.
     pub fn contexts_changed(
         &mut self,
-        contexts: &[serde_json::Value],
+        contexts: &[Value],
         per_worker: bool,
         now: Instant,
     ) -> Vec<Action> {
-        self.per_worker = per_worker;
-        if self.draining {
+        if self.draining || contexts.is_empty() {
             return vec![];
         }
-        let resized = self.table.desired() != contexts.len();
-        let mut changed = vec![];
-        for (i, ctx) in contexts.iter().enumerate() {
-            match self.table.slots.get_mut(i) {
-                Some(s) if s.removed => {
-                    s.removed = false;
-                    s.restart_at = Some(now);
-                    s.backoff = Default::default();
-                    s.context = ctx.clone();
-                }
-                Some(s) => {
-                    if s.context != *ctx || resized {
-                        changed.push(i);
-                    }
-                    s.context = ctx.clone();
-                }
-                None => self.table.slots.push(Slot::new(ctx.clone(), now)),
-            }
-        }
+        self.halted = None;
         let mut actions = vec![];
-        for i in contexts.len()..self.table.slots.len() {
-            if !self.table.slots[i].removed {
+        let resized = self.workers != contexts.len();
+        // Undo what an earlier change in progress added or retired.
+        for i in 0..self.table.slots.len() {
+            let s = &mut self.table.slots[i];
+            s.retiring = false;
+            if s.added && i >= contexts.len() {
                 actions.extend(self.remove_slot(i, now));
             }
         }
-        if !changed.is_empty() {
-            // A roll in progress is replaced by this one; the replacement
-            // under way finishes first.
-            self.roll = Some(changed.into());
+        let mut queue = VecDeque::new();
+        for (i, ctx) in contexts.iter().enumerate() {
+            match self.table.slots.get_mut(i) {
+                Some(s) if s.removed => {
+                    s.revive(ctx.clone(), now);
+                    s.added = true;
+                }
+                Some(s) if s.added => {
+                    // Not in force yet: its next start takes the new one.
+                    if s.context != *ctx {
+                        s.context = ctx.clone();
+                        queue.push_back(i);
+                    }
+                }
+                Some(s) => {
+                    s.target = (s.context != *ctx || resized).then(|| ctx.clone());
+                    if s.target.is_some() {
+                        queue.push_back(i);
+                    }
+                }
+                None => {
+                    let mut s = Slot::new(ctx.clone(), now);
+                    s.added = true;
+                    self.table.slots.push(s);
+                }
+            }
         }
+        for i in contexts.len()..self.table.slots.len() {
+            let s = &mut self.table.slots[i];
+            if !s.removed {
+                s.retiring = true;
+                s.target = None;
+            }
+        }
+        self.roll = Some(Roll {
+            queue,
+            change: Some(Change {
+                contexts: contexts.to_vec(),
+                per_worker,
+            }),
+        });
         actions
     }
 
-    /// Brings the pool forward at `now`: the roll, due starts, overdue
-    /// processes. Called after every event.
+    /// The count the workers are told (`DROVER_WORKERS`): the change's while
+    /// one is rolled, else the one in force.
+    fn workers_for(&self, for_roll: bool) -> usize {
+        match &self.roll {
+            Some(Roll {
+                change: Some(c), ..
+            }) if for_roll => c.contexts.len(),
+            _ => self.workers,
+        }
+    }
+
+    /// Brings the pool forward at `now`: processes that are not up in time,
+    /// the roll, due starts, overdue processes. Called after every event.
     pub fn settle(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = vec![];
+        self.time_out_starts(now, &mut actions);
         if !self.draining {
             self.advance_roll(now, &mut actions);
             for slot in 0..self.table.slots.len() {
@@ -379,8 +537,20 @@ impl<H> Lifecycle<H> {
                     continue;
                 }
                 if self.table.current(slot).is_none() {
-                    self.table.slots[slot].restart_at = None;
-                    actions.push(Action::Spawn { slot });
+                    let s = &mut self.table.slots[slot];
+                    s.restart_at = None;
+                    // A start with the change's context, or of a worker the
+                    // change added, is part of the roll.
+                    let (context, for_roll) = match &s.target {
+                        Some(t) => (t.clone(), true),
+                        None => (s.context.clone(), s.added),
+                    };
+                    actions.push(Action::Spawn {
+                        slot,
+                        context,
+                        workers: self.workers_for(for_roll),
+                        for_roll,
+                    });
                 }
             }
         }
@@ -392,7 +562,7 @@ impl<H> Lifecycle<H> {
             {
                 if *deadline <= now {
                     *killed = true;
-                    self.killed_in_drain |= self.draining;
+                    self.lost_in_drain |= self.draining;
                     actions.push(Action::Kill { pid });
                 }
             }
@@ -400,54 +570,175 @@ impl<H> Lifecycle<H> {
         actions
     }
 
-    /// One step of the roll: a replaced process leaves once its successor is
-    /// up; then the next slot's process is replaced.
-    fn advance_roll(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        loop {
-            let Some(queue) = &mut self.roll else { return };
-            let replacing = self
-                .table
-                .slots
-                .iter()
-                .enumerate()
-                .find_map(|(i, _)| self.table.replaced(i).map(|pid| (i, pid)));
-            if let Some((slot, old)) = replacing {
-                let successor = self.table.current(slot).map(|p| self.table.procs[&p].phase);
-                match successor {
-                    Some(Phase::Ready) => {
-                        let deadline = now + self.policy.graceful;
-                        self.table.procs.get_mut(&old).expect("in the table").phase =
-                            Phase::Leaving {
-                                deadline,
-                                killed: false,
-                            };
-                        actions.push(Action::Leave { pid: old });
-                        continue;
-                    }
-                    // Booting, or exited and due to restart: wait for it.
-                    Some(_) => return,
-                    None if self.table.slots[slot].restart_at.is_some() => return,
-                    // It will not be restarted (`--restart`): the old process
-                    // keeps its slot.
-                    None => {
-                        self.table.procs.get_mut(&old).expect("in the table").phase = Phase::Ready;
-                        continue;
-                    }
+    /// A process still starting past `--worker-ready-timeout` is a failed
+    /// start: it leaves, its slot backs off, a roll it was started for halts.
+    fn time_out_starts(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let late: Vec<(Pid, usize, bool)> = self
+            .table
+            .procs
+            .iter()
+            .filter(|(_, p)| {
+                p.phase == Phase::Starting && p.started + self.policy.ready_timeout <= now
+            })
+            .filter_map(|(&pid, p)| p.slot.map(|s| (pid, s, p.for_roll)))
+            .collect();
+        for (pid, slot, for_roll) in late {
+            actions.push(Action::NotUp { slot, pid });
+            let deadline = now + self.policy.graceful;
+            self.table.procs.get_mut(&pid).expect("in the table").phase = Phase::Leaving {
+                deadline,
+                killed: false,
+            };
+            actions.push(Action::Leave { pid });
+            if for_roll {
+                actions.extend(self.halt(slot, now));
+            }
+            actions.extend(self.failed(slot, Duration::ZERO, true, now));
+        }
+    }
+
+    /// A process started for the roll did not come up: the roll stops, and
+    /// the pool returns to the contexts in force.
+    fn halt(&mut self, slot: usize, now: Instant) -> Vec<Action> {
+        let Some(roll) = self.roll.take() else {
+            return vec![];
+        };
+        let mut actions = vec![Action::RollHalted { slot }];
+        // What the roll started and is not up yet leaves; a slot that has
+        // no old process to fall back on starts again with its context in
+        // force.
+        let deadline = now + self.policy.graceful;
+        let booting: Vec<(Pid, Option<usize>)> = self
+            .table
+            .procs
+            .iter()
+            .filter(|(_, p)| p.for_roll && p.phase == Phase::Starting)
+            .map(|(&pid, p)| (pid, p.slot))
+            .collect();
+        for (pid, s) in booting {
+            self.table.procs.get_mut(&pid).expect("in the table").phase = Phase::Leaving {
+                deadline,
+                killed: false,
+            };
+            actions.push(Action::Leave { pid });
+            if let Some(s) = s {
+                if self.table.replaced(s).is_none() && !self.table.slots[s].removed {
+                    self.table.slots[s].restart_at.get_or_insert(now);
                 }
             }
-            let Some(slot) = queue.pop_front() else {
-                self.roll = None;
-                actions.push(Action::RollDone);
-                return;
-            };
-            if self.table.slots[slot].removed {
+        }
+        for i in 0..self.table.slots.len() {
+            let s = &mut self.table.slots[i];
+            s.target = None;
+            s.retiring = false;
+            if s.added && !s.removed {
+                actions.extend(self.remove_slot(i, now));
+            }
+        }
+        for p in self.table.procs.values_mut() {
+            if p.phase == Phase::Replaced {
+                p.phase = Phase::Ready;
+            }
+        }
+        self.halted = roll.change;
+        actions
+    }
+
+    /// One step of the roll: a replaced process leaves once its successor is
+    /// up; then the next slot's process is replaced; at the end, the change
+    /// is in force.
+    fn advance_roll(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        loop {
+            let Some(roll) = &mut self.roll else { return };
+            let replacing = (0..self.table.slots.len())
+                .find_map(|i| self.table.replaced(i).map(|pid| (i, pid)));
+            if let Some((slot, old)) = replacing {
+                let Some(new) = self.table.current(slot) else {
+                    // Its successor is gone without a halt (it was told to
+                    // leave by a newer change): the old one serves on.
+                    self.table.procs.get_mut(&old).expect("in the table").phase = Phase::Ready;
+                    continue;
+                };
+                if self.table.procs[&new].phase != Phase::Ready {
+                    return; // Booting: wait for it.
+                }
+                let deadline = now + self.policy.graceful;
+                self.table.procs.get_mut(&old).expect("in the table").phase = Phase::Leaving {
+                    deadline,
+                    killed: false,
+                };
+                actions.push(Action::Leave { pid: old });
+                let s = &mut self.table.slots[slot];
+                s.context = self.table.procs[&new].context.clone();
+                if s.target.as_ref() == Some(&s.context) {
+                    s.target = None;
+                }
                 continue;
             }
+            let Some(slot) = roll.queue.pop_front() else {
+                // A slot that is not running and will not be restarted
+                // (`--restart`) takes its new context for whenever it runs.
+                for i in 0..self.table.slots.len() {
+                    let idle = self.table.current(i).is_none() && self.table.replaced(i).is_none();
+                    let s = &mut self.table.slots[i];
+                    if idle && s.restart_at.is_none() {
+                        if let Some(t) = s.target.take() {
+                            s.context = t;
+                        }
+                    }
+                }
+                // Replacements done: the workers the change added, and those
+                // started afresh with its context, must be up.
+                let waiting = self.table.active_slots().any(|i| {
+                    let s = &self.table.slots[i];
+                    let booting = self
+                        .table
+                        .current(i)
+                        .is_some_and(|p| self.table.procs[&p].phase != Phase::Ready);
+                    s.target.is_some() || (s.added && (booting || s.restart_at.is_some()))
+                });
+                if waiting {
+                    return;
+                }
+                let roll = self.roll.take().expect("rolling");
+                for i in 0..self.table.slots.len() {
+                    if self.table.slots[i].retiring {
+                        actions.extend(self.remove_slot(i, now));
+                    }
+                    let s = &mut self.table.slots[i];
+                    s.added = false;
+                    s.target = None;
+                }
+                if let Some(change) = &roll.change {
+                    self.per_worker = change.per_worker;
+                    self.workers = change.contexts.len();
+                }
+                actions.push(Action::RollDone {
+                    change: roll.change.is_some(),
+                });
+                return;
+            };
+            let s = &self.table.slots[slot];
+            // Removed, or already given the change's context (a restart
+            // after a crash took it): nothing to do.
+            if s.removed || (roll.change.is_some() && s.target.is_none()) {
+                continue;
+            }
+            let context = {
+                let s = &self.table.slots[slot];
+                s.target.clone().unwrap_or_else(|| s.context.clone())
+            };
             match self.table.current(slot) {
                 Some(pid) if self.table.procs[&pid].phase == Phase::Ready => {
                     // Keep it serving until its successor is up.
                     self.table.procs.get_mut(&pid).expect("in the table").phase = Phase::Replaced;
-                    actions.push(Action::Spawn { slot });
+                    actions.push(Action::Spawn {
+                        slot,
+                        context,
+                        workers: self.workers_for(true),
+                        for_roll: true,
+                    });
+                    return;
                 }
                 Some(pid) => {
                     // Not up yet: nothing to keep serving, so nothing to
@@ -458,21 +749,18 @@ impl<H> Lifecycle<H> {
                         killed: false,
                     };
                     actions.push(Action::Leave { pid });
-                    self.table.slots[slot].restart_at = Some(now);
-                    continue;
+                    self.adopt_target(slot, now);
                 }
-                None => {
-                    // No process to keep serving (in backoff, or not to be
-                    // restarted): start it now with its new context; its
-                    // backoff goes on if it keeps failing. Nothing to wait
-                    // for: on to the next slot.
-                    self.table.slots[slot].restart_at = Some(now);
-                    continue;
-                }
+                None => self.adopt_target(slot, now),
             }
-            // The replacement was asked for: the next step waits for it.
-            return;
         }
+    }
+
+    /// A slot with no process to keep serving starts now with its new
+    /// context (its backoff goes on if it keeps failing); it is in force
+    /// once that process is up.
+    fn adopt_target(&mut self, slot: usize, now: Instant) {
+        self.table.slots[slot].restart_at = Some(now);
     }
 
     /// The stop flag is set: nothing starts any more, the roll ends.
@@ -504,13 +792,14 @@ impl<H> Lifecycle<H> {
                 deadline,
                 killed: true,
             };
-            self.killed_in_drain |= self.draining;
+            self.lost_in_drain |= self.draining;
             actions.push(Action::Kill { pid });
         }
         actions
     }
 
-    /// When the loop must wake up next: a due start or a deadline.
+    /// When the loop must wake up next: a due start, a start that may time
+    /// out, or a deadline.
     pub fn next_wakeup(&self) -> Option<Instant> {
         let starts = self
             .table
@@ -518,7 +807,16 @@ impl<H> Lifecycle<H> {
             .iter()
             .filter(|s| !s.removed && !self.draining)
             .filter_map(|s| s.restart_at);
-        starts.chain(self.table.next_deadline()).min()
+        let timeouts = self
+            .table
+            .procs
+            .values()
+            .filter(|p| p.phase == Phase::Starting && p.slot.is_some())
+            .map(|p| p.started + self.policy.ready_timeout);
+        starts
+            .chain(timeouts)
+            .chain(self.table.next_deadline())
+            .min()
     }
 
     /// With `--restart never` or `on-failure` every worker can be gone for
@@ -547,6 +845,7 @@ mod tests {
         Policy {
             restart,
             graceful: Duration::from_secs(5),
+            ready_timeout: Duration::from_secs(60),
             backoff: BackoffLimits::default(),
             lanes: 4,
         }
@@ -582,7 +881,15 @@ mod tests {
             let mut queue: VecDeque<Action> = actions.into();
             while let Some(a) = queue.pop_front() {
                 match a {
-                    Action::Spawn { slot } => {
+                    Action::Spawn {
+                        slot,
+                        context,
+                        workers,
+                        for_roll,
+                    } => {
+                        if !self.lc.wants_spawn(slot) {
+                            continue;
+                        }
                         assert!(!self.lc.draining(), "spawn during a drain");
                         assert!(
                             !self.lc.table.slots[slot].removed,
@@ -592,13 +899,22 @@ mod tests {
                             self.lc.table.current(slot).is_none(),
                             "spawn while slot {slot} has a current process"
                         );
+                        assert!((1..=MAX_WORKERS).contains(&workers));
                         if self.fail_spawns {
-                            queue.extend(self.lc.spawn_failed(slot, self.now));
+                            queue.extend(self.lc.spawn_failed(slot, for_roll, self.now));
                         } else {
                             self.next_pid += 1;
                             let lane = self.lc.free_lane(slot);
-                            self.lc
-                                .spawned(slot, self.next_pid, lane, false, (), self.now);
+                            self.lc.spawned(
+                                slot,
+                                self.next_pid,
+                                context,
+                                for_roll,
+                                lane,
+                                false,
+                                (),
+                                self.now,
+                            );
                         }
                     }
                     Action::Leave { pid } | Action::Kill { pid } => {
@@ -611,7 +927,11 @@ mod tests {
                             self.exit(pid, true);
                         }
                     }
-                    Action::Restart { .. } | Action::RollDone | Action::Refused(_) => {}
+                    Action::Restart { .. }
+                    | Action::NotUp { .. }
+                    | Action::RollDone { .. }
+                    | Action::RollHalted { .. }
+                    | Action::Refused(_) => {}
                 }
             }
         }
@@ -713,7 +1033,13 @@ mod tests {
                 );
                 return;
             }
-            assert!(!self.lc.rolling(), "the roll never ended");
+            assert!(!self.lc.rolling(), "the roll never ended: {:#?}", self.lc);
+            for (i, s) in self.lc.table.slots.iter().enumerate() {
+                assert!(
+                    s.target.is_none() && !s.added && !s.retiring,
+                    "slot {i} kept a change's state after the roll: {s:?}"
+                );
+            }
             let t = &self.lc.table;
             for slot in t.active_slots() {
                 let ready = t
@@ -804,7 +1130,10 @@ mod tests {
                         let a = h.lc.adopt(h.next_pid, (), h.now);
                         h.run(a);
                     }
-                    Ev::Hup => h.lc.hup(),
+                    Ev::Hup => {
+                        let a = h.lc.hup(h.now);
+                        h.run(a);
+                    }
                     Ev::Ttin => { let a = h.lc.add_worker(h.now); h.run(a); }
                     Ev::Ttou => { let a = h.lc.remove_worker(h.now); h.run(a); }
                     Ev::Contexts(n, pw, v) => {
@@ -862,7 +1191,8 @@ mod tests {
         for p in h.pids() {
             h.lc.ready(p);
         }
-        h.lc.hup();
+        let a = h.lc.hup(h.now);
+        h.run(a);
         h.settle();
         // Slot 0 is being replaced; let its successor come up.
         let new0 = h.lc.table.current(0).unwrap();
@@ -874,6 +1204,64 @@ mod tests {
         h.run(a);
         h.settle();
         assert!(!h.lc.rolling());
+        h.check();
+    }
+
+    /// Issue 11: a replacement that exits before it is up halts the roll;
+    /// the old process serves on with the context in force, the change's
+    /// other parts are undone, and SIGHUP retries the change.
+    #[test]
+    fn a_failed_replacement_halts_the_roll_and_hup_retries_it() {
+        let mut h = Harness::new(Restart::Always, 2, true);
+        for p in h.pids() {
+            h.lc.ready(p);
+        }
+        let old = h.pids();
+        let bad: Vec<_> = (0..3).map(|i| json!({ "bad": i })).collect();
+        let a = h.lc.contexts_changed(&bad, true, h.now);
+        h.run(a);
+        h.settle();
+        // Slot 0 is being replaced, slot 2 was added.
+        assert_eq!(h.lc.table.replaced(0), Some(old[0]));
+        assert_eq!(h.lc.table.desired(), 3);
+        let new0 = h.lc.table.current(0).unwrap();
+        let (_, a) = h.lc.exited(new0, true, h.now);
+        assert!(a.contains(&Action::RollHalted { slot: 0 }), "{a:?}");
+        h.gone.insert(new0);
+        h.run(a);
+        h.settle();
+        assert!(!h.lc.rolling());
+        assert_eq!(h.lc.table.current(0), Some(old[0]));
+        assert_eq!(h.lc.table.procs[&old[0]].phase, Phase::Ready);
+        assert_eq!(h.lc.table.slots[0].context, json!({ "i": 0 }));
+        assert!(h.lc.table.slots[2].removed, "the added worker leaves");
+        assert!(h.lc.table.all_up());
+        // SIGHUP tries the change again.
+        let a = h.lc.hup(h.now);
+        h.run(a);
+        h.settle();
+        assert!(h.lc.rolling());
+        assert_eq!(h.lc.table.replaced(0), Some(old[0]));
+        h.check();
+    }
+
+    /// Issue 11: a process not up within the ready timeout is a failed
+    /// start, and halts the roll it was started for.
+    #[test]
+    fn a_replacement_not_up_in_time_halts_the_roll() {
+        let mut h = Harness::new(Restart::Always, 1, false);
+        let p = h.pids()[0];
+        h.lc.ready(p);
+        let a = h.lc.hup(h.now);
+        h.run(a);
+        h.settle();
+        let new = h.lc.table.current(0).unwrap();
+        h.now += Duration::from_secs(61);
+        let a = h.lc.settle(h.now);
+        assert!(a.contains(&Action::NotUp { slot: 0, pid: new }), "{a:?}");
+        assert!(a.contains(&Action::RollHalted { slot: 0 }), "{a:?}");
+        assert_eq!(h.lc.table.current(0), Some(p));
+        h.run(a);
         h.check();
     }
 

@@ -58,6 +58,12 @@ pub struct Proc<H> {
     pub lane: Option<usize>,
     /// When it was started (or adopted).
     pub started: Instant,
+    /// The context it was started with.
+    pub context: serde_json::Value,
+    /// Started by a roll: if it does not come up, the roll halts.
+    pub for_roll: bool,
+    /// It has been up (served) at some point.
+    pub was_up: bool,
     /// The OS side (the control socket's end); `()` in tests.
     pub handle: H,
 }
@@ -114,10 +120,17 @@ impl Default for BackoffLimits {
 /// What is desired of one worker.
 #[derive(Debug, Clone)]
 pub struct Slot {
-    /// The context its next start gets.
+    /// The context in force: its serving process runs with it, and a
+    /// restart after a crash gets it.
     pub context: serde_json::Value,
+    /// A new context a roll has yet to bring to this slot.
+    pub target: Option<serde_json::Value>,
     /// Taken out of the pool (SIGTTOU, fewer contexts): not started again.
     pub removed: bool,
+    /// Added by the contexts change in progress: removed again if it halts.
+    pub added: bool,
+    /// To be removed once the contexts change in progress is up.
+    pub retiring: bool,
     /// When to start it (after an exit, a failed start, or at once).
     pub restart_at: Option<Instant>,
     /// Its backoff state.
@@ -133,12 +146,25 @@ impl Slot {
     pub fn new(context: serde_json::Value, now: Instant) -> Slot {
         Slot {
             context,
+            target: None,
             removed: false,
+            added: false,
+            retiring: false,
             restart_at: Some(now),
             backoff: Backoff::default(),
             last_failed: false,
             generation: 0,
         }
+    }
+}
+
+impl Slot {
+    /// A removed slot back in the pool, to be started at `now` (its
+    /// generation count goes on).
+    pub fn revive(&mut self, context: serde_json::Value, now: Instant) {
+        let generation = self.generation;
+        *self = Slot::new(context, now);
+        self.generation = generation;
     }
 }
 
