@@ -42,6 +42,7 @@
 //! - [`builtin`]: the built-in app, written on that API.
 //! - `client`: `drover stop`.
 //! - [`cgroup`]: `--workers auto`.
+//! - `install`: `drover install DIR`, the copy for an initContainer.
 //! - [`error`]: errors and the one mapping to exit codes.
 //! - `sys`: the only `unsafe` code (fork, exec, dup2, prctl).
 #![deny(unsafe_code)]
@@ -55,6 +56,7 @@ mod client;
 pub mod config;
 pub mod contexts;
 pub mod error;
+mod install;
 mod listener;
 mod logging;
 mod metrics;
@@ -133,6 +135,10 @@ where
     let result = match cli.command {
         Some(config::Command::Stop(args)) => client::stop(args).map(|()| {
             println!("stop accepted: drover is draining");
+            exit::OK
+        }),
+        Some(config::Command::Install { dir }) => install::install(&dir).map(|p| {
+            println!("installed {}", p.display());
             exit::OK
         }),
         Some(config::Command::Check(args)) => {
