@@ -1118,3 +1118,217 @@ fn image_runs_as_pid1_read_only_non_root_and_drains_on_podman_stop() {
     );
     println!("image: ready, PID 1, drained and exited 0 in {took:?} after podman stop");
 }
+
+// ------------------------------------------------------------ dashboard
+
+/// A Prometheus server on 127.0.0.1, killed and reaped however the test ends.
+struct Prometheus(std::process::Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The series an instant PromQL query returns (`None`: the query failed).
+fn prom_series(prom: SocketAddr, query: &str) -> Option<Vec<Value>> {
+    let enc: String = query
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let r = http(prom, "GET", &format!("/api/v1/query?query={enc}"), &[]).ok()?;
+    let v: Value = serde_json::from_str(&r.body).ok()?;
+    if v["status"] != "success" {
+        panic!("Prometheus refused `{query}`: {}", r.body);
+    }
+    v["data"]["result"].as_array().cloned()
+}
+
+/// A dashboard query as Grafana would send it: its variables set (namespace
+/// `shop`, every pod, a 30 s rate window) and `label_values(M, L)` (a
+/// Grafana function) turned into the PromQL it stands for.
+fn as_grafana_sends(expr: &str) -> String {
+    let e = expr
+        .replace("$namespace", "shop")
+        .replace("$pod", ".*")
+        .replace("$__rate_interval", "30s");
+    match e
+        .strip_prefix("label_values(")
+        .and_then(|r| r.strip_suffix(')'))
+        .and_then(|r| r.rsplit_once(", "))
+    {
+        Some((metric, label)) => format!("count by ({label}) ({metric})"),
+        None => e,
+    }
+}
+
+/// Every query of the Grafana dashboard (`charts/drover/dashboards/drover.json`),
+/// its variables' included, returns data from a real Prometheus server on
+/// 127.0.0.1 that scraped a real drover (two workers, the scrape labelled
+/// namespace `shop`, pod `shop-drover-0` as Kubernetes service discovery
+/// would) while wrk loaded it, after one worker was killed (a restart) and
+/// a stop was requested (a drain). The only panel allowed to be empty is
+/// the one on `drover_rolls_total`, which this drover does not export yet.
+#[test]
+fn dashboard_queries_return_data_from_a_real_prometheus() {
+    let queries: Vec<Value> = serde_json::from_str(&ship_py(&["dashboard-queries"])).unwrap();
+    let prometheus = system_tool("prometheus", "prometheus");
+    let wrk = system_tool("wrk", "wrk");
+    let d = common::start(&[
+        "--workers",
+        "2",
+        "--drain-delay",
+        "30s",
+        "--graceful-timeout",
+        "5s",
+    ]);
+    d.wait_ready();
+    let dir = TempDir::new("ship-dashboard");
+    let config = dir.file(
+        "prometheus.yml",
+        &format!(
+            "global:\n  scrape_interval: 250ms\n  scrape_timeout: 200ms\nscrape_configs:\n  - job_name: drover\n    static_configs:\n      - targets: ['{}']\n        labels: {{namespace: shop, pod: shop-drover-0}}\n",
+            d.admin
+        ),
+    );
+    let port = free_port();
+    let prom_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _prom = Prometheus(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={prom_addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let sees = |q: &str| prom_series(prom_addr, q).is_some_and(|r| !r.is_empty());
+    assert!(
+        eventually(Duration::from_secs(30), || sees(
+            "drover_workers_running == 2"
+        )),
+        "Prometheus never scraped drover"
+    );
+
+    // Load: wrk on the app port for 3 s, 8 connections.
+    let url = format!("http://{}/", d.app());
+    let load = run(
+        Command::new(wrk).args(["-t", "2", "-c", "8", "-d", "3s", &url]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(load.code, Some(0), "wrk:\n{}", load.text());
+    // A worker killed: drover restarts it and counts it.
+    let victim = common::get_index(d.app())["pid"].as_u64().unwrap() as i32;
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    assert!(
+        eventually(Duration::from_secs(10), || sees(
+            "drover_worker_restarts_total > 0"
+        )),
+        "Prometheus never saw the restart"
+    );
+    // A stop: the pod drains (and keeps answering /metrics meanwhile).
+    assert_eq!(
+        http(d.admin, "POST", "/admin/stop", &[]).unwrap().status,
+        202
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || sees("drover_draining == 1")),
+        "Prometheus never saw the drain"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+
+    let mut empty = Vec::new();
+    for q in &queries {
+        let (panel, expr) = (q["panel"].as_str().unwrap(), q["expr"].as_str().unwrap());
+        let sent = as_grafana_sends(expr);
+        let series =
+            prom_series(prom_addr, &sent).unwrap_or_else(|| panic!("{panel}: `{sent}` failed"));
+        println!("{:>3} series  {panel}: {sent}", series.len());
+        if series.is_empty() {
+            empty.push((panel.to_string(), sent));
+        }
+    }
+    assert!(
+        empty.iter().all(|(_, q)| q.contains("drover_rolls_total")),
+        "dashboard queries without data (wrk: {}):\n{empty:#?}",
+        load.stdout
+    );
+    println!(
+        "dashboard: {} of {} queries returned data; empty: {:?}",
+        queries.len() - empty.len(),
+        queries.len(),
+        empty
+    );
+}
+
+// -------------------------------------------------------- drover install
+
+/// `drover install DIR` copies the very binary into DIR/drover, mode 0755,
+/// and the copy runs; a second install replaces it (no temporary file left).
+/// A DIR that is missing, a regular file, or not writable (/proc, even for
+/// root) exits 73 (EX_CANTCREAT) naming DIR and writes nothing.
+#[test]
+fn drover_install_copies_itself_or_exits_73() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("ship-install");
+    for _ in 0..2 {
+        let o = run(
+            Command::new(bin()).arg("install").arg(dir.path()),
+            Duration::from_secs(60),
+        );
+        assert_eq!(o.code, Some(0), "{}", o.text());
+        assert!(
+            o.stdout
+                .contains(&format!("installed {}/drover", dir.path().display())),
+            "{}",
+            o.text()
+        );
+    }
+    let copy = dir.path().join("drover");
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(bin()).unwrap(),
+        "the copy differs from the binary"
+    );
+    let mode = std::fs::metadata(&copy).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "mode {mode:o}");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["drover"], "a temporary file was left behind");
+    let v = run(
+        Command::new(&copy).arg("--version"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(v.code, Some(0), "{}", v.text());
+
+    let file = dir.path().join("drover");
+    for bad in [dir.path().join("missing"), file, PathBuf::from("/proc")] {
+        let o = run(
+            Command::new(bin()).arg("install").arg(&bad),
+            Duration::from_secs(20),
+        );
+        assert_eq!(
+            o.code,
+            Some(73),
+            "drover install {}:\n{}",
+            bad.display(),
+            o.text()
+        );
+        assert!(
+            o.stderr
+                .contains(&format!("cannot install drover into {}", bad.display())),
+            "{}",
+            o.text()
+        );
+    }
+}
