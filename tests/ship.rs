@@ -1332,3 +1332,320 @@ fn drover_install_copies_itself_or_exits_73() {
         );
     }
 }
+
+// ------------------------------------------------------------ wrap mode
+
+/// Removes a podman pod (and its containers) however the test ends.
+struct Pod(String);
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = podman()
+            .args(["pod", "rm", "-f", "-t", "0", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Removes a podman volume however the test ends (after the pod: declared first).
+struct Volume(String);
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = podman()
+            .args(["volume", "rm", "-f", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Builds `dockerfile` with buildah (chroot isolation) into `tag`.
+fn buildah_bud(dockerfile: &Path, context: &Path, tag: &str) {
+    let b = run(
+        Command::new(system_tool("buildah", "buildah"))
+            .args(["bud", "--isolation", "chroot", "--quiet", "-f"])
+            .arg(dockerfile)
+            .args(["-t", tag])
+            .arg(context),
+        Duration::from_secs(180),
+    );
+    assert_eq!(
+        b.code,
+        Some(0),
+        "buildah bud {}:\n{}",
+        dockerfile.display(),
+        b.text()
+    );
+}
+
+/// The chart's wrap mode, for real, as a podman pod: two images built here —
+/// drover's (the scratch image of the test above) and an app image `FROM
+/// scratch` holding only a static C server (tests/ship/wrap-app) that has
+/// never heard of drover — sharing an emptyDir-like volume (a tmpfs owned by
+/// 65532, as fsGroup makes an emptyDir). The pod's init container runs the
+/// drover image's `drover install /opt/drover/bin`; the app container then
+/// runs `/opt/drover/bin/drover` as PID 1 with the app's command after `--`
+/// and its contexts from a mounted file (the chart's `volume` source), both
+/// read-only, as 65532, without capabilities. drover must serve the app's
+/// two workers with their contexts, and on `podman stop` turn /readyz to 503,
+/// keep serving through the drain delay, let a request in flight finish and
+/// exit 0.
+#[test]
+fn wrap_mode_runs_an_unmodified_image_behind_drover_in_a_podman_pod() {
+    for (tool, package) in [
+        ("buildah", "buildah"),
+        ("runc", "runc"),
+        ("podman", "podman"),
+    ] {
+        system_tool(tool, package);
+    }
+    let built = run(
+        &mut Command::new(root().join("tests/ship/build-static")),
+        Duration::from_secs(20 * 60),
+    );
+    assert_eq!(built.code, Some(0), "build-static:\n{}", built.text());
+    let static_bin = PathBuf::from(built.stdout.trim());
+    let id = std::process::id();
+
+    // drover's image, as the image test builds it.
+    let drover_ctx = TempDir::new("ship-wrap-drover");
+    std::fs::copy(&static_bin, drover_ctx.path().join("drover")).unwrap();
+    std::fs::copy(
+        "/etc/ssl/certs/ca-certificates.crt",
+        drover_ctx.path().join("ca-certificates.crt"),
+    )
+    .expect("the host's CA bundle (Debian's ca-certificates)");
+    let drover_tag = format!("localhost/drover-ship:wrap-{id}");
+    let _drover_image = Image(drover_tag.clone());
+    buildah_bud(
+        &root().join("tests/ship/Dockerfile.scratch"),
+        drover_ctx.path(),
+        &drover_tag,
+    );
+
+    // The app image: a static server, no shell, no drover.
+    let app_ctx = TempDir::new("ship-wrap-app");
+    let cc = run(
+        Command::new("cc")
+            .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(app_ctx.path().join("server"))
+            .arg(root().join("tests/ship/wrap-app/server.c")),
+        Duration::from_secs(120),
+    );
+    assert_eq!(cc.code, Some(0), "cc -static server.c:\n{}", cc.text());
+    let app_tag = format!("localhost/drover-ship-app:wrap-{id}");
+    let _app_image = Image(app_tag.clone());
+    buildah_bud(
+        &root().join("tests/ship/wrap-app/Dockerfile"),
+        app_ctx.path(),
+        &app_tag,
+    );
+
+    // The contexts file, as the kubelet mounts the ConfigMap (volume source).
+    let contexts = TempDir::new("ship-wrap-contexts");
+    contexts.file("worker-contexts.yaml", "- {shard: 0}\n- {shard: 1}\n");
+
+    let volume = Volume(format!("drover-ship-bin-{id}"));
+    podman_out(&[
+        "volume",
+        "create",
+        "--opt",
+        "type=tmpfs",
+        "--opt",
+        "device=tmpfs",
+        "--opt",
+        "o=uid=65532,gid=65532,mode=0755,size=64m",
+        &volume.0,
+    ]);
+    let pod = Pod(format!("drover-ship-wrap-{id}"));
+    let _ = podman()
+        .args(["pod", "rm", "-f", "-t", "0", &pod.0])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    podman_out(&["pod", "create", "--name", &pod.0, "--network", "host"]);
+    let restricted = [
+        "--read-only",
+        "--user",
+        "65532:65532",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--pull",
+        "never",
+    ];
+    let bin_mount = format!("{}:/opt/drover/bin", volume.0);
+    let init_name = format!("{}-install", pod.0);
+    let mut init: Vec<&str> = vec![
+        "create",
+        "--pod",
+        &pod.0,
+        "--init-ctr",
+        "once",
+        "--name",
+        &init_name,
+    ];
+    init.extend(restricted);
+    init.extend(["-v", &bin_mount, &drover_tag, "install", "/opt/drover/bin"]);
+    podman_out(&init);
+
+    let (port, admin_port) = (free_port(), free_port());
+    let app_name = format!("{}-app", pod.0);
+    let env = [
+        "DROVER_HOST=127.0.0.1".to_string(),
+        format!("DROVER_PORT={port}"),
+        "DROVER_ADMIN_HOST=127.0.0.1".to_string(),
+        format!("DROVER_ADMIN_PORT={admin_port}"),
+        "DROVER_WORKERS=2".to_string(),
+        "DROVER_WORKER_CONTEXTS_FILE=/etc/drover/contexts/worker-contexts.yaml".to_string(),
+        "DROVER_DRAIN_DELAY=2s".to_string(),
+        "DROVER_GRACEFUL_TIMEOUT=10s".to_string(),
+    ];
+    let ro_bin = format!("{bin_mount}:ro");
+    let ro_contexts = format!("{}:/etc/drover/contexts:ro", contexts.path().display());
+    let mut app: Vec<&str> = vec!["create", "--pod", &pod.0, "--name", &app_name];
+    app.extend(restricted);
+    app.extend([
+        "-v",
+        &ro_bin,
+        "-v",
+        &ro_contexts,
+        "--entrypoint",
+        "/opt/drover/bin/drover",
+    ]);
+    for e in &env {
+        app.extend(["-e", e.as_str()]);
+    }
+    app.extend([app_tag.as_str(), "--", "/app/server"]);
+    podman_out(&app);
+
+    let started = Instant::now();
+    podman_out(&["pod", "start", &pod.0]);
+    let logs = |name: &str| run(podman().args(["logs", name]), Duration::from_secs(30)).text();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let app_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || http(
+            admin,
+            "GET",
+            "/readyz",
+            &[]
+        )
+        .is_ok_and(|r| r.status == 200)),
+        "never ready:\ninstall: {}\napp: {}",
+        logs(&init_name),
+        logs(&app_name)
+    );
+    let ready_after = started.elapsed();
+    let installed = logs(&init_name);
+    assert!(
+        installed.contains("installed /opt/drover/bin/drover"),
+        "the init container's output:\n{installed}"
+    );
+
+    // The unmodified app serves as drover's workers, each with its context.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let r = http(app_addr, "GET", "/", &[]).expect("GET / from the app");
+        assert_eq!(r.status, 200, "{r:?}");
+        let v = r.json();
+        assert_eq!(v["app"], "static-server", "{v}");
+        let w = v["worker"].as_u64().expect("DROVER_WORKER_ID");
+        assert_eq!(v["context"], serde_json::json!({"shard": w}), "{v}");
+        seen.insert(w);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both workers should answer: {seen:?}");
+    let metrics = http(admin, "GET", "/metrics", &[]).unwrap();
+    assert!(
+        metrics.body.contains("drover_workers_running 2"),
+        "{}",
+        metrics.body
+    );
+
+    // PID 1 of the app container is the installed drover, its workers the app.
+    let top = podman_out(&["top", &app_name, "pid", "ppid", "user", "args"]);
+    let rows: Vec<Vec<&str>> = top
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r[0] == "1" && r[3] == "/opt/drover/bin/drover"),
+        "PID 1 is not the installed drover:\n{top}"
+    );
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r[1] == "1" && r[3] == "/app/server")
+            .count(),
+        2,
+        "two /app/server workers, children of PID 1:\n{top}"
+    );
+    assert!(rows.iter().all(|r| r[2] == "65532"), "all as 65532:\n{top}");
+
+    // The drain through podman stop (SIGTERM, the app image's stop signal).
+    let drain_delay = Duration::from_secs(2);
+    let slow_ms = drain_delay.as_millis() as u64 + 1500;
+    let slow =
+        std::thread::spawn(move || http(app_addr, "GET", &format!("/sleep?ms={slow_ms}"), &[]));
+    std::thread::sleep(Duration::from_millis(200));
+    let stop_started = Instant::now();
+    let stopper = {
+        let name = app_name.clone();
+        std::thread::spawn(move || {
+            run(
+                podman().args(["stop", "-t", "30", &name]),
+                Duration::from_secs(60),
+            )
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || http(
+            admin,
+            "GET",
+            "/readyz",
+            &[]
+        )
+        .is_ok_and(|r| r.status == 503)),
+        "/readyz did not turn 503 after podman stop:\n{}",
+        logs(&app_name)
+    );
+    let not_ready = Instant::now();
+    let during = http(app_addr, "GET", "/", &[]).expect("served during the drain delay");
+    assert_eq!(during.status, 200);
+    assert!(
+        not_ready.elapsed() < drain_delay,
+        "too slow to observe the drain delay"
+    );
+    let stopped = stopper.join().unwrap();
+    let took = stop_started.elapsed();
+    assert_eq!(stopped.code, Some(0), "podman stop:\n{}", stopped.text());
+    let slow = slow.join().unwrap().expect("the request in flight");
+    assert_eq!(slow.status, 200, "the request in flight: {slow:?}");
+    let code = podman_out(&["inspect", "-f", "{{.State.ExitCode}}", &app_name]);
+    assert_eq!(
+        code.trim(),
+        "0",
+        "exit code after the drain:\n{}",
+        logs(&app_name)
+    );
+    assert!(
+        took >= Duration::from_millis(slow_ms - 200) && took < Duration::from_secs(20),
+        "podman stop took {took:?} (drain delay {drain_delay:?}, request {slow_ms} ms):\n{}",
+        logs(&app_name)
+    );
+    println!(
+        "wrap: pod ready {ready_after:?} after start (install + drover + 2 app workers); \
+         drained and exited 0 in {took:?} after podman stop (drain delay {drain_delay:?}, request in flight {slow_ms} ms)"
+    );
+}
