@@ -868,6 +868,9 @@ def cmd_wiring() -> None:
         want_url = f"http://{admin_service(objs)['metadata']['name']}.{NAMESPACE}.svc:{merged['adminService']['port']}/readyz"
         if url != want_url:
             raise fail(f"helm test URL {url} != {want_url}")
+        notes = next(t for p, t in render(values).items() if p.endswith("NOTES.txt"))
+        if "<no value>" in notes or "<nil>" in notes:
+            raise fail(f"NOTES.txt names a value that does not exist:\n{notes}")
         print(f"{name}: {len(objs)} objects wired as designed (contexts {source}, grace {want_grace}s, "
               f"mesh {mesh['type']}{' native' if mesh['nativeSidecar'] else ''})")
 
