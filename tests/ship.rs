@@ -304,6 +304,7 @@ render_fails! {
     render_refuses_a_servicemonitor_without_the_admin_service => "servicemonitor-without-admin-service";
     render_refuses_an_unknown_mesh => "unknown-mesh";
     render_refuses_the_removed_service_admin_port => "service-admin-port-gone";
+    render_refuses_a_prestop_sleep_beside_a_prestop_hook => "two-prestop-hooks";
 }
 
 /// `manifests/` carries no namespace and a kustomization.yaml: `kubectl

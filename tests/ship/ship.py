@@ -1106,6 +1106,8 @@ RENDER_FAILS: dict[str, tuple[dict, str]] = {
                                               "metrics": {"serviceMonitor": {"enabled": True}}}, "adminService"),
     "unknown-mesh": ({**BASE, "mesh": {"type": "consul"}}, "type"),
     "service-admin-port-gone": ({**BASE, "service": {"adminPort": 8001}}, "adminPort"),
+    "two-prestop-hooks": ({**BASE, "preStopSleep": 5, "lifecycle": {"preStop": {"exec": {"command": ["drover", "stop"]}}}},
+                          "lifecycle"),
 }
 
 
