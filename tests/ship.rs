@@ -10,10 +10,18 @@
 //! - the settings the chart renders for each value set, accepted by this
 //!   `drover check`, reading the rendered ConfigMap from a fake Kubernetes API
 //!   (`common::fake_kube`) with only the verbs the chart's Role grants;
+//! - the traps the render must refuse (schema or template), `manifests/`
+//!   through `kubectl kustomize` into another namespace, the chart README
+//!   against `values.yaml`;
+//! - the PrometheusRule with prometheus-operator's model and `promtool test
+//!   rules`; every dashboard query against a real Prometheus server that
+//!   scraped drover under load;
 //! - the Dockerfiles with hadolint, and the image itself: built FROM scratch
 //!   around a static drover with buildah, run with podman as PID 1, read-only,
-//!   non-root, without capabilities, and drained by `podman stop`;
-//! - the shell scripts with shellcheck.
+//!   non-root, without capabilities, and drained by `podman stop`; the wrap
+//!   mode as a podman pod (`drover install` in an init container, an
+//!   unmodified static app behind it); `drover install`'s exit codes;
+//! - the release workflow with actionlint, the shell scripts with shellcheck.
 //!
 //! The checks are Python scripts in `tests/ship/` run with the venv that
 //! `tests/run` prepares (`$DROVER_TEST_VENV`, else `target/test-venv`), and
