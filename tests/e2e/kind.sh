@@ -23,8 +23,9 @@
 #   4. `kubectl exec ... -- drover check` works in the shell-less image;
 #   5. wrap mode: an app image built FROM scratch around a static server
 #      (tests/ship/wrap-app, no drover in it) runs behind drover, copied in by
-#      the chart's initContainer (`drover install`): its workers answer with
-#      their contexts from the mounted file, `helm test` passes, and a pod
+#      the chart's initContainer (`drover install`), with its contexts read
+#      through the API this time (`contexts.source=api`: token and Role):
+#      its workers answer with their contexts, `helm test` passes, and a pod
 #      deletion drains within the grace period.
 set -euo pipefail
 
@@ -295,6 +296,7 @@ helm upgrade --install "$WRAP_RELEASE" charts/drover -n "$NS" --wait --timeout 5
   --set wrap.image.tag="${IMAGE##*:}" \
   --set wrap.image.pullPolicy=Never \
   --set-json 'command=["/app/server"]' \
+  --set contexts.source=api \
   --set replicaCount=2 \
   --set workers=2 \
   --set-json 'workerContexts=[{"shard":20},{"shard":21}]' \
@@ -303,6 +305,7 @@ helm upgrade --install "$WRAP_RELEASE" charts/drover -n "$NS" --wait --timeout 5
   --set tests.image.repository="${BUSYBOX%%:*}" \
   --set tests.image.tag="${BUSYBOX##*:}"
 helm test "$WRAP_RELEASE" -n "$NS" --timeout 3m
+kubectl -n "$NS" get role "$WRAP_FULLNAME" >/dev/null || fail "no Role for the api source"
 wrap_svc="http://${WRAP_FULLNAME}.${NS}.svc:8000"
 answer=$(client wget -q -O - -T 5 "$wrap_svc/")
 echo "$answer" | grep -q '"app":"static-server"' || fail "the wrapped app did not answer: $answer"
