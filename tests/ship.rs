@@ -1618,6 +1618,26 @@ fn wrap_mode_runs_an_unmodified_image_behind_drover_in_a_podman_pod() {
     );
     assert!(rows.iter().all(|r| r[2] == "65532"), "all as 65532:\n{top}");
 
+    // `drover check` through exec, from the volume: the exec hooks work in an
+    // image that has neither a shell nor drover of its own.
+    let check = run(
+        podman().args(["exec", &app_name, "/opt/drover/bin/drover", "check"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        check.code,
+        Some(0),
+        "podman exec ... drover check:\n{}",
+        check.text()
+    );
+    assert!(
+        check
+            .stdout
+            .contains("contexts from: /etc/drover/contexts/worker-contexts.yaml"),
+        "{}",
+        check.text()
+    );
+
     // The drain through podman stop (SIGTERM, the app image's stop signal).
     let drain_delay = Duration::from_secs(2);
     let slow_ms = drain_delay.as_millis() as u64 + 1500;
