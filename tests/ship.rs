@@ -692,6 +692,12 @@ fn drover_check_accepts_the_production_rendering() {
     drover_check_accepts("production");
 }
 
+/// A NetworkPolicy restricting egress, with the volume source (no API rule).
+#[test]
+fn drover_check_accepts_the_networkpolicy_volume_rendering() {
+    drover_check_accepts("networkpolicy-volume");
+}
+
 /// Every value set in tests/ship/values has its drover_check test above.
 #[test]
 fn every_value_set_is_checked_by_drover() {
