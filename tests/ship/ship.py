@@ -745,8 +745,12 @@ def cmd_wiring() -> None:
                 raise fail("the NetworkPolicy does not select the pods")
             for rule in np["spec"]["ingress"]:
                 rports = {p["port"] for p in rule["ports"]}
-                if "admin" in rports and (rports != {"admin"} or rule.get("from") != merged["networkPolicy"]["adminFrom"]):
-                    raise fail(f"admin ingress rule {rule}")
+                test_pod = {"podSelector": {"matchLabels": {
+                    k: v for k, v in next(o for _, o in objs if is_hook(o))["metadata"]["labels"].items()
+                    if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}}}
+                if "admin" in rports and (rports != {"admin"}
+                                          or rule.get("from") != [*merged["networkPolicy"]["adminFrom"], test_pod]):
+                    raise fail(f"admin ingress rule {rule}: not adminFrom and the helm test pod")
                 if "http" in rports and rule.get("from", []) != merged["networkPolicy"]["httpFrom"]:
                     raise fail(f"http ingress rule {rule}")
             egress = merged["networkPolicy"]["egress"]
