@@ -401,6 +401,14 @@ fn workflows_pass_actionlint() {
     println!("actionlint: {} workflow(s) clean", workflows.len());
 }
 
+/// The release workflow points the published chart's image at the image it
+/// pushes (its `sed` on values.yaml, read from the workflow): exactly the two
+/// repositories change, and that chart installs with no value at all.
+#[test]
+fn release_workflow_publishes_a_chart_that_installs_as_is() {
+    ship_py(&["release-chart"]);
+}
+
 // ------------------------------------------------------- drover check
 
 /// The `DROVER_*` names this drover reads, from `drover check --help`.

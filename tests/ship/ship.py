@@ -26,6 +26,7 @@ non-zero with the reason on the first failure.
     ship.py rules-file OUT          the rendered alert rules as a Prometheus rules file
     ship.py dashboard-queries       every query of the dashboard, as JSON
     ship.py values-readme           charts/drover/README.md lists every value of values.yaml
+    ship.py release-chart           the release workflow's values edit gives a chart that installs as is
 """
 
 from __future__ import annotations
@@ -1224,6 +1225,44 @@ def cmd_values_readme_table() -> None:
         print(f"| `{path}` | `{json.dumps(node, separators=(', ', ': '))}` | |")
 
 
+def cmd_release_chart() -> None:
+    """The release workflow's edit of values.yaml (its `sed -e` expressions,
+    read from .github/workflows/release.yml) sets exactly image.repository
+    and wrap.image.repository, and the chart so edited installs with no
+    value at all, wrap mode included."""
+    import re
+    import shutil
+
+    workflow = (ROOT / ".github" / "workflows" / "release.yml").read_text()
+    exprs = re.findall(r'-e "s\|(.+?)\|(.+?)\|"', workflow)
+    if len(exprs) != 2:
+        raise Failure(f"release.yml: expected two sed expressions on values.yaml, found {exprs}")
+    image = "ghcr.io/example-owner/drover"
+    with tempfile.TemporaryDirectory(prefix="drover-release-") as d:
+        chart = Path(d) / "drover"
+        shutil.copytree(CHART, chart)
+        lines = (chart / "values.yaml").read_text().splitlines(keepends=True)
+        for pattern, replacement in exprs:
+            pat = re.compile(pattern.replace('\\"', '"'))
+            rep = replacement.replace('\\"', '"').replace("$image", image)
+            lines = [pat.sub(rep, line.rstrip("\n")) + "\n" if pat.search(line.rstrip("\n")) else line for line in lines]
+        (chart / "values.yaml").write_text("".join(lines))
+        edited = yaml.safe_load((chart / "values.yaml").read_text())
+        original = yaml.safe_load((CHART / "values.yaml").read_text())
+        want = json.loads(json.dumps(original))
+        want["image"]["repository"] = image
+        want["wrap"]["image"]["repository"] = image
+        if edited != want:
+            raise Failure("the release workflow's sed changes more (or less) than the two image repositories")
+        h = helm()
+        with h.Chart.load(str(chart)) as c:
+            for values in ({}, {"wrap": {"enabled": True}, "command": ["/app/server"]}):
+                c.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        print(f"release.yml's values edit: image.repository and wrap.image.repository = {image}; "
+              "the published chart renders with no value, wrap mode too")
+
+
+
 def main(argv: list[str]) -> int:
     commands = {
         "lint": cmd_lint,
@@ -1245,6 +1284,7 @@ def main(argv: list[str]) -> int:
         "dashboard-queries": cmd_dashboard_queries,
         "values-readme": cmd_values_readme,
         "values-readme-table": cmd_values_readme_table,
+        "release-chart": cmd_release_chart,
     }
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
