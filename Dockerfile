@@ -4,6 +4,10 @@
 # app by default. To put drover in front of your own app, copy the binary out
 # of this image into yours (README, "Container images"):
 #   COPY --from=<this image> /usr/local/bin/drover /usr/local/bin/drover
+# or leave your image unmodified and copy drover in at run time: this image
+# has no shell and no cp, so an initContainer runs `drover install DIR`, which
+# copies the binary into DIR (an emptyDir) atomically, mode 0755; the app
+# container then runs DIR/drover -- <app> (the Helm chart's wrap.enabled).
 #
 #   docker build -t drover:dev .
 #   docker run --rm --read-only -p 8000:8000 -p 8001:8001 drover:dev

@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     subcommand_negates_reqs = true
 )]
 pub struct Cli {
-    /// `stop` or `check`; without one, drover runs.
+    /// `stop`, `check` or `install`; without one, drover runs.
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Options for a run.
@@ -32,6 +32,12 @@ pub enum Command {
     Stop(StopArgs),
     /// Load the configuration and worker contexts, print the plan, exit 0 or 78.
     Check(Box<RunArgs>),
+    /// Copy this binary to DIR/drover (atomically, mode 0755), e.g. into an
+    /// emptyDir from an initContainer, to run drover in front of another image.
+    Install {
+        /// Directory to copy drover into; it must exist.
+        dir: PathBuf,
+    },
 }
 
 /// `drover stop` options.

@@ -8,6 +8,7 @@
 //! | 64 | usage: the command line does not parse |
 //! | 69 | `drover stop`: the admin server could not be reached or answered oddly |
 //! | 70 | internal error (a bug or an OS failure after start) |
+//! | 73 | `drover install DIR`: DIR is missing, not a directory, or not writable |
 //! | 77 | `drover stop`: refused (401/403) |
 //! | 78 | configuration: bad option value, contexts, listener or command |
 
@@ -25,6 +26,8 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 69;
     /// Internal software error.
     pub const SOFTWARE: u8 = 70;
+    /// `drover install`: the output file cannot be created.
+    pub const CANTCREAT: u8 = 73;
     /// Permission denied (`drover stop` got 401/403).
     pub const NOPERM: u8 = 77;
     /// Configuration error: nothing was started.
@@ -80,6 +83,15 @@ pub enum Error {
     #[error("{0}")]
     StopRefused(String),
 
+    /// `drover install DIR` cannot create `DIR/drover`.
+    #[error("cannot install drover into {dir}: {reason}")]
+    Install {
+        /// The directory given.
+        dir: PathBuf,
+        /// Why, in words.
+        reason: String,
+    },
+
     /// An OS call failed after start.
     #[error("{what}: {source}")]
     Io {
@@ -110,6 +122,7 @@ impl Error {
             | Error::ReadFile { .. } => exit::CONFIG,
             Error::StopUnavailable(_) => exit::UNAVAILABLE,
             Error::StopRefused(_) => exit::NOPERM,
+            Error::Install { .. } => exit::CANTCREAT,
             Error::Io { .. } => exit::SOFTWARE,
         }
     }

@@ -46,6 +46,7 @@
 //! - [`builtin`]: the built-in app, written on that API.
 //! - `client`: `drover stop`.
 //! - [`cgroup`]: `--workers auto`.
+//! - `install`: `drover install DIR`, the copy for an initContainer.
 //! - [`error`]: errors and the one mapping to exit codes.
 //! - `sys`: the only `unsafe` code (fork, exec, dup2, prctl, signal masks).
 #![deny(unsafe_code)]
@@ -60,6 +61,7 @@ pub mod config;
 pub mod contexts;
 pub mod control;
 pub mod error;
+mod install;
 mod listener;
 mod logging;
 mod metrics;
@@ -135,6 +137,13 @@ where
             supervisor::signals::unblock();
             client::stop(args).map(|()| {
                 println!("stop accepted: drover is draining");
+                exit::OK
+            })
+        }
+        Some(config::Command::Install { dir }) => {
+            supervisor::signals::unblock();
+            install::install(&dir).map(|p| {
+                println!("installed {}", p.display());
                 exit::OK
             })
         }

@@ -9,23 +9,32 @@
 # What it proves, in a namespace that enforces the "restricted" Pod Security
 # Standard:
 #   1. the image builds from the Dockerfile and the chart installs (two pods,
-#      two workers each, contexts from the ConfigMap through the API, an admin
-#      token from a Secret) and `helm test` passes;
+#      two workers each, contexts from the mounted ConfigMap -- the default
+#      `volume` source: no service-account token, no Role -- an admin token
+#      from a Secret) and `helm test` passes;
 #   2. while a client sends requests through the Service without pause:
 #      - POST /admin/stop with the token drains one pod: its container exits
 #        0 and is restarted, a POST without the token gets 401;
 #      - deleting another pod (SIGTERM) drains it: it is gone after about
 #        drainDelay, long before its grace period;
 #      and not one request fails;
-#   3. an edit of the ConfigMap reaches the workers (rolling restart in the
-#      pod, no pod restart);
-#   4. `kubectl exec ... -- drover check` works in the shell-less image.
+#   3. an edit of the ConfigMap reaches the workers through the mounted file
+#      (rolling restart in the pod, no pod restart);
+#   4. `kubectl exec ... -- drover check` works in the shell-less image;
+#   5. wrap mode: an app image built FROM scratch around a static server
+#      (tests/ship/wrap-app, no drover in it) runs behind drover, copied in by
+#      the chart's initContainer (`drover install`), with its contexts read
+#      through the API this time (`contexts.source=api`: token and Role):
+#      its workers answer with their contexts, `helm test` passes, and a pod
+#      deletion drains within the grace period.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
 
 CLUSTER="${CLUSTER:-drover-e2e}"
 IMAGE="${IMAGE:-drover:e2e}"
+APP_IMAGE="${APP_IMAGE:-drover-wrap-app:e2e}"
+WRAP_RELEASE="${WRAP_RELEASE:-wrapped}"
 NS="${NS:-drover-e2e}"
 RELEASE="${RELEASE:-drover}"
 KEEP_CLUSTER="${KEEP_CLUSTER:-0}"
@@ -48,7 +57,7 @@ fail() {
   exit 1
 }
 
-for tool in docker kind kubectl helm; do
+for tool in docker kind kubectl helm cc; do
   command -v "$tool" >/dev/null 2>&1 || fail "$tool is required"
 done
 
@@ -100,6 +109,12 @@ drover_pods() {
 log "building $IMAGE"
 docker build -t "$IMAGE" .
 
+log "building $APP_IMAGE (a static server FROM scratch, no drover)"
+app_ctx="$(mktemp -d "${TMPDIR:-/tmp}/drover-e2e-app.XXXXXX")"
+cc -static -O2 -o "$app_ctx/server" tests/ship/wrap-app/server.c
+docker build -t "$APP_IMAGE" -f tests/ship/wrap-app/Dockerfile "$app_ctx"
+rm -rf "$app_ctx"
+
 # A kubeconfig of our own, so the user's current context is left alone.
 KUBECONFIG="$(mktemp "${TMPDIR:-/tmp}/drover-e2e-kubeconfig.XXXXXX")"
 export KUBECONFIG
@@ -112,7 +127,7 @@ else
   kind create cluster --name "$CLUSTER" --kubeconfig "$KUBECONFIG" --wait 180s
 fi
 in_cluster=1
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+kind load docker-image "$IMAGE" "$APP_IMAGE" --name "$CLUSTER"
 
 log "namespace $NS enforcing the restricted Pod Security Standard"
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f -
@@ -137,6 +152,14 @@ helm upgrade --install "$RELEASE" charts/drover -n "$NS" --wait --timeout 5m \
 
 log "helm test"
 helm test "$RELEASE" -n "$NS" --timeout 3m
+
+log "volume source: no API access"
+first_pod=$(drover_pods | cut -d' ' -f1)
+automount=$(kubectl -n "$NS" get pod "$first_pod" -o jsonpath='{.spec.automountServiceAccountToken}')
+[ "$automount" = false ] || fail "the service-account token is mounted ($automount) with the volume source"
+if kubectl -n "$NS" get role "$FULLNAME" >/dev/null 2>&1; then
+  fail "a Role was created although the volume source needs none"
+fi
 
 # Restricted-compliant busybox pods: `client` for one-off calls, `load` for traffic.
 busybox_pod() {
@@ -252,14 +275,51 @@ if [ "$phase" != Succeeded ] || [ "$summary" != 4 ]; then
 fi
 echo "no failed request through /admin/stop and a pod deletion" >&2
 
-log "editing the worker contexts"
+log "editing the worker contexts (the kubelet updates the mounted file)"
 kubectl -n "$NS" patch configmap "$FULLNAME-worker-contexts" --type merge \
   -p '{"data":{"worker-contexts.yaml":"- {shard: 10}\n- {shard: 11}\n"}}'
-deadline=$(($(date +%s) + 120))
+deadline=$(($(date +%s) + 180))
 until client wget -q -O - -T 5 "$SVC/" 2>/dev/null | grep -q '"shard":1[01]'; do
   [ "$(date +%s)" -lt "$deadline" ] || fail "the new contexts did not reach the workers"
   sleep 2
 done
 echo "new contexts served: $(client wget -q -O - -T 5 "$SVC/")" >&2
+
+log "wrap mode: helm install $WRAP_RELEASE ($APP_IMAGE behind drover)"
+WRAP_FULLNAME="$WRAP_RELEASE-drover"
+helm upgrade --install "$WRAP_RELEASE" charts/drover -n "$NS" --wait --timeout 5m \
+  --set image.repository="${APP_IMAGE%%:*}" \
+  --set image.tag="${APP_IMAGE##*:}" \
+  --set image.pullPolicy=Never \
+  --set wrap.enabled=true \
+  --set wrap.image.repository="${IMAGE%%:*}" \
+  --set wrap.image.tag="${IMAGE##*:}" \
+  --set wrap.image.pullPolicy=Never \
+  --set-json 'command=["/app/server"]' \
+  --set contexts.source=api \
+  --set replicaCount=2 \
+  --set workers=2 \
+  --set-json 'workerContexts=[{"shard":20},{"shard":21}]' \
+  --set drainDelay="$DRAIN_DELAY" \
+  --set gracefulTimeout="$GRACEFUL_TIMEOUT" \
+  --set tests.image.repository="${BUSYBOX%%:*}" \
+  --set tests.image.tag="${BUSYBOX##*:}"
+helm test "$WRAP_RELEASE" -n "$NS" --timeout 3m
+kubectl -n "$NS" get role "$WRAP_FULLNAME" >/dev/null || fail "no Role for the api source"
+wrap_svc="http://${WRAP_FULLNAME}.${NS}.svc:8000"
+answer=$(client wget -q -O - -T 5 "$wrap_svc/")
+echo "$answer" | grep -q '"app":"static-server"' || fail "the wrapped app did not answer: $answer"
+echo "$answer" | grep -q '"shard":2[01]' || fail "the wrapped app's worker has no context: $answer"
+echo "wrapped app served: $answer" >&2
+read -r wrap_pod _ <<<"$(kubectl -n "$NS" get pods \
+  -l "app.kubernetes.io/name=drover,app.kubernetes.io/instance=$WRAP_RELEASE" \
+  -o jsonpath='{.items[*].metadata.name}')"
+t0=$(date +%s)
+kubectl -n "$NS" delete pod "$wrap_pod" --wait=true --timeout=120s
+took=$(($(date +%s) - t0))
+echo "$wrap_pod: gone after ${took}s" >&2
+[ "$took" -ge "$DRAIN_DELAY" ] || fail "$wrap_pod was gone before the drain delay ended"
+[ "$took" -lt $((DRAIN_DELAY + GRACEFUL_TIMEOUT)) ] ||
+  fail "$wrap_pod took ${took}s: the wrapped drover did not finish its drain on SIGTERM"
 
 log "PASS"
