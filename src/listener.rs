@@ -116,6 +116,12 @@ impl Listener {
         };
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
         socket.set_reuse_address(true).map_err(fail)?;
+        // Linux copies TCP_NODELAY to every accepted socket: an app that
+        // takes the inherited socket for a Unix one and never sets it
+        // (uvicorn) would otherwise wait for a delayed ACK (about 40 ms) on
+        // every keep-alive response it writes in two parts. Servers that
+        // bind for themselves set it; this gives them the same.
+        socket.set_tcp_nodelay(true).map_err(fail)?;
         if addr.is_ipv6() && addr.ip().is_unspecified() {
             // `::` serves IPv4 too, whatever net.ipv6.bindv6only says.
             socket.set_only_v6(false).map_err(fail)?;
@@ -179,6 +185,17 @@ impl Listener {
     /// Connections waiting in the accept queue now (TCP only).
     pub fn queued(&self) -> Option<u32> {
         crate::sys::listen_queue(self.socket.as_raw_fd()).map(|(q, _)| q)
+    }
+
+    /// The backlog the kernel enforces now (TCP only): an app that calls
+    /// `listen()` again on the inherited socket changes it for everyone.
+    pub fn kernel_backlog(&self) -> Option<u32> {
+        crate::sys::listen_queue(self.socket.as_raw_fd()).map(|(_, b)| b)
+    }
+
+    /// Applies `backlog` again (after an app re-listened with its own).
+    pub fn relisten(&self, backlog: u32) -> io::Result<()> {
+        self.socket.listen(backlog.min(i32::MAX as u32) as i32)
     }
 
     /// A duplicate of the descriptor (for reading its accept queue).

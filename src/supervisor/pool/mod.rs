@@ -66,6 +66,9 @@ enum Message {
 /// How often starting workers are looked at for accepting.
 const LOOK_EVERY: Duration = Duration::from_millis(20);
 
+/// How often the listener's backlog is checked when nothing else happens.
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
 /// How long the drain waits for an accept queue that does not shrink.
 const QUEUE_STALL: Duration = Duration::from_secs(1);
 
@@ -94,6 +97,8 @@ pub struct Pool {
     notify_dir: Option<crate::notify::NotifyDir>,
     /// The listener's inode, when workers count as up once seen accepting.
     detect: Option<u64>,
+    /// A worker's own backlog was overridden once (it is said only once).
+    backlog_reapplied: bool,
 }
 
 impl Pool {
@@ -131,6 +136,7 @@ impl Pool {
             pending_version: None,
             notify_dir: None,
             detect: None,
+            backlog_reapplied: false,
         }
     }
 
@@ -251,6 +257,7 @@ impl Pool {
         tokio::pin!(stopped);
         loop {
             self.settle();
+            self.hold_backlog();
             self.publish();
             if let Some(failed) = self.lc.over() {
                 tracing::info!(
@@ -282,6 +289,8 @@ impl Pool {
                 }
                 _ = sleep_until_opt(next) => {}
                 _ = tokio::time::sleep(LOOK_EVERY), if self.looking() => self.look(),
+                // An app may re-listen at any time: look now and then.
+                _ = tokio::time::sleep(BACKLOG_EVERY) => {}
             }
         }
     }
@@ -447,6 +456,37 @@ impl Pool {
                 ),
                 Action::Refused(why) => tracing::warn!("{why}"),
             }
+        }
+    }
+
+    /// Keeps `--backlog` in force: an app may call `listen()` again on the
+    /// inherited socket with a backlog of its own (uvicorn 2048, gunicorn's
+    /// asgi worker 100), which acts on the one socket of every worker. drover
+    /// holds the socket too and applies its backlog again, saying so once.
+    fn hold_backlog(&mut self) {
+        let Some(l) = &self.listener else { return };
+        let Some(now) = l.kernel_backlog() else {
+            return;
+        };
+        let want = l.effective_backlog;
+        if now == want {
+            return;
+        }
+        match l.relisten(want) {
+            Ok(()) => {
+                if !self.backlog_reapplied {
+                    self.backlog_reapplied = true;
+                    tracing::warn!(
+                        app_backlog = now,
+                        backlog = want,
+                        "a worker called listen() again with backlog {now}; drover re-applied --backlog {want} (it holds for every worker)"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot re-apply --backlog"),
+        }
+        if let Some(b) = l.kernel_backlog() {
+            self.metrics.listen_backlog.set(i64::from(b));
         }
     }
 
