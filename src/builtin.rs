@@ -2,6 +2,9 @@
 //! - `GET /` answers `{"worker": i, "pid": p, "context": <the worker's context>}`;
 //! - `GET /sleep?ms=N` answers after N milliseconds (at most [`MAX_SLEEP_MS`]),
 //!   to make draining observable;
+//! - `GET /work?ms=N` burns N milliseconds of CPU (at most [`MAX_WORK_MS`])
+//!   on the worker's event loop, a CPU-bound handler for measuring how work
+//!   spreads over workers;
 //! - `POST /stop` stops the whole service through [`crate::stop()`], the way a
 //!   library app's handler would.
 
@@ -20,6 +23,18 @@ use crate::app::Worker;
 
 /// Longest `/sleep` honoured.
 pub const MAX_SLEEP_MS: u64 = 60_000;
+/// Longest `/work` honoured.
+pub const MAX_WORK_MS: u64 = 1_000;
+
+/// The `ms=N` of a query.
+fn ms_param(req: &Request<Incoming>) -> Option<Result<u64, std::num::ParseIntError>> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))
+        .map(|v| v.parse::<u64>())
+}
 
 /// The built-in app's service for one worker.
 #[derive(Clone)]
@@ -63,14 +78,29 @@ impl hyper::service::Service<Request<Incoming>> for Builtin {
                 let r = json(StatusCode::OK, self.index.clone());
                 Box::pin(async move { Ok(r) })
             }
+            (&Method::GET, "/work") => {
+                let r = match ms_param(&req) {
+                    Some(Ok(ms)) => {
+                        let ms = ms.min(MAX_WORK_MS);
+                        // Busy, on purpose: this is the CPU-bound handler.
+                        let until = std::time::Instant::now() + Duration::from_millis(ms);
+                        let mut x = 0u64;
+                        while std::time::Instant::now() < until {
+                            for i in 0..1000u64 {
+                                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                            }
+                        }
+                        json(StatusCode::OK, format!("{{\"worked_ms\":{ms}}}\n").into())
+                    }
+                    _ => json(
+                        StatusCode::BAD_REQUEST,
+                        Bytes::from_static(b"{\"error\":\"use /work?ms=N\"}\n"),
+                    ),
+                };
+                Box::pin(async move { Ok(r) })
+            }
             (&Method::GET, "/sleep") => {
-                let ms = req
-                    .uri()
-                    .query()
-                    .unwrap_or("")
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("ms="))
-                    .map(|v| v.parse::<u64>());
+                let ms = ms_param(&req);
                 match ms {
                     Some(Ok(ms)) => Box::pin(async move {
                         let ms = ms.min(MAX_SLEEP_MS);

@@ -24,6 +24,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{Error, Result};
@@ -260,12 +261,15 @@ impl Drop for UdsFile {
 }
 
 /// A listener being served by a tokio runtime (in a worker, or in-process).
+/// Held through `AsyncFd`, so that the accept loop can see that a
+/// connection waits *before* it takes it, and leave it to a less busy
+/// worker (see `serve`).
 #[derive(Debug)]
 pub enum ServeListener {
     /// TCP.
-    Tcp(tokio::net::TcpListener),
+    Tcp(AsyncFd<std::net::TcpListener>),
     /// Unix.
-    Unix(tokio::net::UnixListener),
+    Unix(AsyncFd<std::os::unix::net::UnixListener>),
 }
 
 impl ServeListener {
@@ -278,33 +282,57 @@ impl ServeListener {
         let is_unix = socket.local_addr()?.is_unix();
         Ok(if is_unix {
             let std: std::os::unix::net::UnixListener = OwnedFd::from(socket).into();
-            ServeListener::Unix(tokio::net::UnixListener::from_std(std)?)
+            ServeListener::Unix(crate::sys::async_listener(std)?)
         } else {
             let std: std::net::TcpListener = OwnedFd::from(socket).into();
-            ServeListener::Tcp(tokio::net::TcpListener::from_std(std)?)
+            ServeListener::Tcp(crate::sys::async_listener(std)?)
         })
     }
 
     /// Stops new connections from completing (see the module doc).
     pub fn stop_new(&self) {
         let r = match self {
-            ServeListener::Tcp(l) => shut_out(socket2::SockRef::from(l)),
-            ServeListener::Unix(l) => shut_out(socket2::SockRef::from(l)),
+            ServeListener::Tcp(l) => shut_out(socket2::SockRef::from(l.get_ref())),
+            ServeListener::Unix(l) => shut_out(socket2::SockRef::from(l.get_ref())),
         };
         if let Err(e) = r {
             tracing::warn!(error = %e, "cannot shut new connections out of the shared socket");
         }
     }
 
-    /// Accepts one connection.
-    pub async fn accept(&self) -> io::Result<Stream> {
-        match self {
-            ServeListener::Tcp(l) => {
-                let (s, _) = l.accept().await?;
-                let _ = s.set_nodelay(true);
-                Ok(Stream::Tcp(s))
+    /// Accepts one connection. Each time one is waiting, `defer` is asked
+    /// first: `Some(d)` leaves it for `d` (to another process) and asks again.
+    pub async fn accept(
+        &self,
+        defer: &mut dyn FnMut() -> Option<std::time::Duration>,
+    ) -> io::Result<Stream> {
+        loop {
+            match self {
+                ServeListener::Tcp(l) => {
+                    let mut ready = l.readable().await?;
+                    if let Some(d) = defer() {
+                        drop(ready);
+                        tokio::time::sleep(d).await;
+                        continue;
+                    }
+                    match ready.try_io(|l| l.get_ref().accept()) {
+                        Ok(r) => return tcp_stream(r?.0),
+                        Err(_would_block) => continue,
+                    }
+                }
+                ServeListener::Unix(l) => {
+                    let mut ready = l.readable().await?;
+                    if let Some(d) = defer() {
+                        drop(ready);
+                        tokio::time::sleep(d).await;
+                        continue;
+                    }
+                    match ready.try_io(|l| l.get_ref().accept()) {
+                        Ok(r) => return unix_stream(r?.0),
+                        Err(_would_block) => continue,
+                    }
+                }
             }
-            ServeListener::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),
         }
     }
 
@@ -314,35 +342,33 @@ impl ServeListener {
         let mut out = Vec::new();
         match self {
             ServeListener::Tcp(l) => {
-                if let Ok(l) = l.into_std() {
-                    while let Ok((s, _)) = l.accept() {
-                        let _ = s.set_nodelay(true);
-                        if let Some(s) = s
-                            .set_nonblocking(true)
-                            .ok()
-                            .and_then(|_| tokio::net::TcpStream::from_std(s).ok())
-                        {
-                            out.push(Stream::Tcp(s));
-                        }
-                    }
+                let l = l.into_inner();
+                while let Ok((s, _)) = l.accept() {
+                    out.extend(tcp_stream(s).ok());
                 }
             }
             ServeListener::Unix(l) => {
-                if let Ok(l) = l.into_std() {
-                    while let Ok((s, _)) = l.accept() {
-                        if let Some(s) = s
-                            .set_nonblocking(true)
-                            .ok()
-                            .and_then(|_| tokio::net::UnixStream::from_std(s).ok())
-                        {
-                            out.push(Stream::Unix(s));
-                        }
-                    }
+                let l = l.into_inner();
+                while let Ok((s, _)) = l.accept() {
+                    out.extend(unix_stream(s).ok());
                 }
             }
         }
         out
     }
+}
+
+/// An accepted TCP connection, ready for tokio.
+fn tcp_stream(s: std::net::TcpStream) -> io::Result<Stream> {
+    let _ = s.set_nodelay(true);
+    s.set_nonblocking(true)?;
+    Ok(Stream::Tcp(tokio::net::TcpStream::from_std(s)?))
+}
+
+/// An accepted Unix connection, ready for tokio.
+fn unix_stream(s: std::os::unix::net::UnixStream) -> io::Result<Stream> {
+    s.set_nonblocking(true)?;
+    Ok(Stream::Unix(tokio::net::UnixStream::from_std(s)?))
 }
 
 /// An accepted connection.

@@ -50,7 +50,11 @@ const OFF_SUM_NS: usize = OFF_COUNT + 1;
 /// that died mid-request can be reset without touching another's.
 pub const LANES: usize = 4;
 const OFF_LANES: usize = OFF_SUM_NS + 1;
-const SLOT_WORDS: usize = OFF_LANES + LANES;
+/// Per lane: the process's open connections (for balancing accepts).
+const OFF_CONNS: usize = OFF_LANES + LANES;
+/// Per lane: 1 while the process's accept loop runs.
+const OFF_ACCEPTING: usize = OFF_CONNS + LANES;
+const SLOT_WORDS: usize = OFF_ACCEPTING + LANES;
 
 /// The shared region's total size in words.
 pub const REGION_WORDS: usize = SLOT_WORDS * MAX_WORKERS;
@@ -99,6 +103,51 @@ impl HttpRecorder {
         if let Some(lane) = self.lane {
             self.word(OFF_LANES + lane).fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A connection was accepted.
+    pub fn conn_opened(&self) {
+        if let Some(lane) = self.lane {
+            self.word(OFF_CONNS + lane).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection closed.
+    pub fn conn_closed(&self) {
+        if let Some(lane) = self.lane {
+            self.word(OFF_CONNS + lane).fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// This process's accept loop runs (or stopped).
+    pub fn set_accepting(&self, on: bool) {
+        if let Some(lane) = self.lane {
+            self.word(OFF_ACCEPTING + lane)
+                .store(u64::from(on), Ordering::Relaxed);
+        }
+    }
+
+    /// Open connections of worker `slot`'s processes, if any of them is
+    /// accepting now; None otherwise (it cannot take a connection).
+    pub fn accepting_conns(&self, slot: usize) -> Option<u64> {
+        let w = self
+            .region
+            .words()
+            .get(slot * SLOT_WORDS..(slot + 1) * SLOT_WORDS)?;
+        let accepting = w[OFF_ACCEPTING..OFF_ACCEPTING + LANES]
+            .iter()
+            .any(|a| a.load(Ordering::Relaxed) != 0);
+        accepting.then(|| {
+            w[OFF_CONNS..OFF_CONNS + LANES]
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum()
+        })
+    }
+
+    /// This worker's slot.
+    pub fn slot(&self) -> usize {
+        self.base / SLOT_WORDS
     }
 
     /// A request finished with `status` after `elapsed`.
@@ -366,7 +415,10 @@ impl PodCollector {
         p.cpu_base[slot] += cpu_seconds;
         if let (Some(http), Some(lane)) = (&self.http, lane) {
             if slot < MAX_WORKERS && lane < LANES {
-                http.words()[slot * SLOT_WORDS + OFF_LANES + lane].store(0, Ordering::Relaxed);
+                let w = &http.words()[slot * SLOT_WORDS..(slot + 1) * SLOT_WORDS];
+                for off in [OFF_LANES, OFF_CONNS, OFF_ACCEPTING] {
+                    w[off + lane].store(0, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -58,15 +58,19 @@ pub async fn serve(
     stop_accepting: impl Future<Output = ()>,
     on_accepting: impl FnOnce(),
     sole_owner: bool,
+    peers: usize,
 ) -> Draining {
+    let mut balance = Balance::new(recorder.clone(), if sole_owner { 1 } else { peers });
     let server = Server::new(svc, recorder);
     tokio::pin!(stop_accepting);
+    balance.accepting(true);
     on_accepting();
+    let mut defer = || balance.defer();
     loop {
         tokio::select! {
             biased;
             _ = &mut stop_accepting => break,
-            conn = listener.accept() => match conn {
+            conn = listener.accept(&mut defer) => match conn {
                 Ok(stream) => server.spawn(stream),
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning;
@@ -77,6 +81,8 @@ pub async fn serve(
             }
         }
     }
+    drop(defer);
+    balance.accepting(false);
     if sole_owner {
         listener.stop_new();
     }
@@ -94,6 +100,74 @@ pub async fn serve(
     }
     Draining {
         shared: server.shared,
+    }
+}
+
+/// Spreads connections over the worker processes that share the socket.
+///
+/// Every worker's event loop is woken when a connection arrives, and the one
+/// woken first would accept until the queue is empty: with a small pool of
+/// keep-alive connections (an ingress, a mesh) one worker would serve them
+/// all on one core. So, when a connection waits, a worker that holds more
+/// open connections than the least busy *accepting* worker leaves it for a
+/// millisecond, again and again while that stays so, but for at most
+/// [`DEFER_PER_CONN`] per connection it holds more than that worker (capped
+/// at [`MAX_DEFER`]): a peer that is slow to take the connection (its CPU
+/// busy, its loop blocked) must not add more latency than that. Each
+/// worker's count lives in the shared metrics region, next to its in-flight
+/// gauge.
+struct Balance {
+    recorder: Option<HttpRecorder>,
+    peers: usize,
+    deferred: u32,
+}
+
+/// How long a worker leaves a waiting connection to others, per connection
+/// it holds more than the least busy accepting worker.
+const DEFER_PER_CONN: u32 = 10;
+/// The most a worker leaves a waiting connection to others, in ms.
+const MAX_DEFER: u32 = 50;
+
+impl Balance {
+    fn new(recorder: Option<HttpRecorder>, peers: usize) -> Balance {
+        Balance {
+            recorder,
+            peers,
+            deferred: 0,
+        }
+    }
+
+    fn accepting(&self, on: bool) {
+        if let Some(r) = &self.recorder {
+            r.set_accepting(on);
+        }
+    }
+
+    /// Whether to leave the waiting connection to a less busy worker now.
+    fn defer(&mut self) -> Option<Duration> {
+        let r = self.recorder.as_ref().filter(|_| self.peers > 1)?;
+        let me = r.slot();
+        let mine = r.accepting_conns(me).unwrap_or(0);
+        let least = (0..self.peers)
+            .filter(|&s| s != me)
+            .filter_map(|s| r.accepting_conns(s))
+            .min();
+        match least {
+            Some(l) if mine > l => {
+                let allowed =
+                    ((mine - l).min(u64::from(MAX_DEFER)) as u32 * DEFER_PER_CONN).min(MAX_DEFER);
+                if self.deferred >= allowed {
+                    self.deferred = 0;
+                    return None;
+                }
+                self.deferred += 1;
+                Some(Duration::from_millis(1))
+            }
+            _ => {
+                self.deferred = 0;
+                None
+            }
+        }
     }
 }
 
@@ -150,6 +224,10 @@ impl Server {
         let shared = self.shared.clone();
         let mut draining = shared.draining.subscribe();
         shared.open.fetch_add(1, Ordering::AcqRel);
+        let recorder = self.recorder.clone();
+        if let Some(r) = &recorder {
+            r.conn_opened();
+        }
         tokio::spawn(async move {
             tokio::pin!(conn);
             let ended = tokio::select! {
@@ -180,6 +258,9 @@ impl Server {
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
+            }
+            if let Some(r) = &recorder {
+                r.conn_closed();
             }
             if shared.open.fetch_sub(1, Ordering::AcqRel) == 1 {
                 shared.all_closed.notify_waiters();

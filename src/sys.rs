@@ -518,6 +518,21 @@ pub fn reap(target: libc::pid_t) -> Option<Exited> {
     }
 }
 
+/// Registers a listener that `inner` owns with the tokio reactor, for
+/// readability.
+pub fn async_listener<T: std::os::fd::AsRawFd>(
+    inner: T,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor (a std listener) and the AsyncFd
+    // takes `inner` by value: the descriptor stays open for as long as it is
+    // registered, and AsyncFd deregisters it before giving `inner` back
+    // (`into_inner`) or dropping it.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+            .map_err(io::Error::from)
+    }
+}
+
 /// Blocks `signals` in the calling thread (and in every thread it starts
 /// later), so that a signal that arrives before its handler exists waits
 /// instead of taking its default action (a TERM in drover's first

@@ -68,7 +68,7 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
         .map_err(|e| tracing::warn!(worker = id, error = %e, "no shared metrics region"))
         .ok()
         .and_then(|region| crate::metrics::HttpRecorder::new(region, id, own.lane));
-    match rt.block_on(run(id, listen_fd, ctl_fd, svc, recorder)) {
+    match rt.block_on(run(id, env.workers, listen_fd, ctl_fd, svc, recorder)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(worker = id, "{e}");
@@ -79,6 +79,7 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
 
 async fn run(
     id: usize,
+    workers: usize,
     listen_fd: OwnedFd,
     ctl_fd: OwnedFd,
     svc: DynService,
@@ -118,6 +119,7 @@ async fn run(
             ready.send(ToSupervisor::Ready);
         },
         false,
+        workers,
     )
     .await;
     // The supervisor enforces --graceful-timeout with SIGKILL.

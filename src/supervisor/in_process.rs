@@ -73,6 +73,7 @@ pub async fn run(
         },
         up,
         true,
+        1,
     );
     let mut app = InProcess {
         serving: Some(Box::pin(serving)),
