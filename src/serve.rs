@@ -81,7 +81,6 @@ pub async fn serve(
             }
         }
     }
-    drop(defer);
     balance.accepting(false);
     if sole_owner {
         listener.stop_new();
