@@ -88,11 +88,12 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
     let (text, origin, source, version) =
         match (&args.worker_contexts_file, &args.worker_contexts_configmap) {
             (Some(path), _) => {
-                let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
-                    what: "worker contexts file",
-                    path: path.clone(),
-                    source,
-                })?;
+                let text =
+                    contexts::file::read_contexts(path).map_err(|source| Error::ReadFile {
+                        what: "worker contexts file",
+                        path: path.clone(),
+                        source,
+                    })?;
                 let version = crate::contexts::file::content_version(&text);
                 (
                     text,

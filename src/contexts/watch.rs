@@ -1,10 +1,16 @@
 //! The contexts' source after start: a watch of the file or the ConfigMap,
-//! each change checked as at start (YAML, count, the app's type) before it
-//! is handed to the supervisor. It never starts or stops a process.
+//! each change checked as at start (YAML, size limits, count, the app's
+//! type) before it is handed to the supervisor. It never starts or stops a
+//! process.
+//!
+//! The check runs on tokio's blocking pool, never on the supervisor's event
+//! loop: parsing a large document takes a while, and the admin port (the
+//! kubelet's probes) is served by that loop.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::app::Validate;
 use crate::config::{OnContextsChange, Workers};
@@ -29,6 +35,33 @@ pub(crate) struct ContextsWatch {
     metrics: Metrics,
     /// The contexts in force give one item per worker.
     pub(crate) per_worker: bool,
+    /// The change being checked off the event loop. Kept here, not in the
+    /// `next` future, so that `next` stays cancel-safe inside a `select!`.
+    checking: Option<(Update, JoinHandle<Checked>)>,
+}
+
+/// A change, parsed and checked: the contexts per worker, and whether the
+/// document gave one item per worker.
+type Checked = std::result::Result<(Vec<serde_json::Value>, bool), String>;
+
+/// Everything the check of a change needs, movable to another thread.
+struct Check {
+    workers: Option<Workers>,
+    validate: Option<Arc<Validate>>,
+}
+
+impl Check {
+    fn run(&self, text: &str, origin: &str) -> Checked {
+        let parsed = contexts::parse(text, origin).map_err(|e| e.to_string())?;
+        let assigned = contexts::assign(&parsed, self.workers, crate::cgroup::allowed_cpus, origin)
+            .map_err(|e| e.to_string())?;
+        if let Some(validate) = &self.validate {
+            for (i, c) in assigned.iter().enumerate() {
+                validate(i, c)?;
+            }
+        }
+        Ok((assigned, matches!(parsed, contexts::Contexts::PerWorker(_))))
+    }
 }
 
 impl ContextsWatch {
@@ -66,60 +99,79 @@ impl ContextsWatch {
             validate: matches!(plan.app, AppKind::Builtin).then_some(validate),
             metrics,
             per_worker: plan.contexts_per_worker(),
+            checking: None,
         }
     }
 
     /// The next valid change to apply; None once the source can say no more.
+    /// Cancel-safe: a change being checked when the future is dropped is
+    /// picked up by the next call.
     pub(crate) async fn next(&mut self, in_process: bool) -> Option<Vec<serde_json::Value>> {
         loop {
-            let update = match self.rx.as_mut() {
-                Some(rx) => rx.recv().await,
-                None => None,
-            };
-            let Some(update) = update else {
-                self.rx = None;
-                return None;
-            };
-            let origin = update.origin.clone();
-            match self.evaluate(update, in_process) {
-                Ok(Some(c)) => return Some(c),
-                Ok(None) => {}
-                Err(e) => {
-                    self.metrics
-                        .contexts_reloads
-                        .with_label_values(&["failure"])
-                        .inc();
-                    tracing::error!("ignoring new worker contexts from {origin}: {e}; the workers keep their last good contexts");
+            if self.checking.is_none() {
+                let update = match self.rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => None,
+                };
+                let Some(update) = update else {
+                    self.rx = None;
+                    return None;
+                };
+                let text = match &update.text {
+                    Err(e) => {
+                        self.failed(&update.origin, e);
+                        continue;
+                    }
+                    Ok(t) if *t == self.text => continue,
+                    Ok(t) => t.clone(),
+                };
+                // In-process there is exactly one worker and no process to add.
+                let check = Check {
+                    workers: if in_process {
+                        Some(Workers::Count(1))
+                    } else {
+                        self.workers
+                    },
+                    validate: self.validate.clone(),
+                };
+                let origin = update.origin.clone();
+                let handle = tokio::task::spawn_blocking(move || check.run(&text, &origin));
+                self.checking = Some((update, handle));
+            }
+            let (_, handle) = self.checking.as_mut().expect("set above");
+            let checked = handle
+                .await
+                .unwrap_or_else(|e| Err(format!("the check of the change failed: {e}")));
+            let (update, _) = self.checking.take().expect("set above");
+            match checked {
+                Ok((assigned, per_worker)) => {
+                    if let Some(c) = self.accept(update, assigned, per_worker) {
+                        return Some(c);
+                    }
                 }
+                Err(e) => self.failed(&update.origin, &e),
             }
         }
     }
 
-    fn evaluate(
+    fn failed(&self, origin: &str, e: &str) {
+        self.metrics
+            .contexts_reloads
+            .with_label_values(&["failure"])
+            .inc();
+        tracing::error!("ignoring new worker contexts from {origin}: {e}; the workers keep their last good contexts");
+    }
+
+    /// A valid change: it is now in force; returns the contexts to roll to
+    /// unless the policy is to ignore changes.
+    fn accept(
         &mut self,
         u: Update,
-        in_process: bool,
-    ) -> std::result::Result<Option<Vec<serde_json::Value>>, String> {
-        let text = u.text?;
-        if text == self.text {
-            return Ok(None);
-        }
-        let parsed = contexts::parse(&text, &u.origin).map_err(|e| e.to_string())?;
-        // In-process there is exactly one worker and no process to add.
-        let workers = if in_process {
-            Some(Workers::Count(1))
-        } else {
-            self.workers
-        };
-        let assigned = contexts::assign(&parsed, workers, crate::cgroup::allowed_cpus, &u.origin)
-            .map_err(|e| e.to_string())?;
-        if let Some(validate) = &self.validate {
-            for (i, c) in assigned.iter().enumerate() {
-                validate(i, c)?;
-            }
-        }
-        self.text = text;
-        self.per_worker = matches!(parsed, contexts::Contexts::PerWorker(_));
+        assigned: Vec<serde_json::Value>,
+        per_worker: bool,
+    ) -> Option<Vec<serde_json::Value>> {
+        self.text = u.text.unwrap_or_default();
+        self.per_worker = per_worker;
         self.metrics
             .contexts_reloads
             .with_label_values(&["success"])
@@ -130,7 +182,7 @@ impl ContextsWatch {
                 "worker contexts changed in {}; --on-contexts-change ignore: the workers keep theirs",
                 u.origin
             );
-            return Ok(None);
+            return None;
         }
         self.metrics.set_contexts(self.source, &u.version);
         tracing::info!(
@@ -138,6 +190,6 @@ impl ContextsWatch {
             "new worker contexts from {}: rolling restart",
             u.origin
         );
-        Ok(Some(assigned))
+        Some(assigned)
     }
 }
