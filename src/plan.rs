@@ -60,8 +60,8 @@ pub struct Plan {
     pub contexts_version: String,
     /// What each worker runs.
     pub app: AppKind,
-    /// The admin bearer token.
-    pub token: Option<Vec<u8>>,
+    /// The admin bearer token (re-read when its file changes).
+    pub token: Option<crate::admin::Token>,
     per_worker: bool,
 }
 
@@ -155,21 +155,7 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
 
     let token = match &args.admin_token_file {
         None => None,
-        Some(path) => {
-            let raw = std::fs::read(path).map_err(|source| Error::ReadFile {
-                what: "admin token file",
-                path: path.clone(),
-                source,
-            })?;
-            let token = raw.trim_ascii().to_vec();
-            if token.is_empty() {
-                return Err(Error::Config(format!(
-                    "admin token file {} is empty",
-                    path.display()
-                )));
-            }
-            Some(token)
-        }
+        Some(path) => Some(crate::admin::Token::load(path)?),
     };
     if let Some(uds) = &args.uds {
         if uds.as_os_str().is_empty() {
