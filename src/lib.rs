@@ -55,6 +55,8 @@ mod client;
 pub mod config;
 pub mod contexts;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod listener;
 mod logging;
 mod metrics;
