@@ -35,7 +35,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -68,6 +68,20 @@ pub const MAX_CONNECTIONS: usize = 512;
 pub const LISTEN_BACKLOG: i32 = 1024;
 /// Largest admin token file.
 pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
+
+/// Admin connections closed to make room for a new one.
+static EVICTED: AtomicU64 = AtomicU64::new(0);
+/// Failed accepts on the admin port.
+static ACCEPT_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// (connections evicted, failed accepts) since start, for the metrics:
+/// `drover_admin_connections_evicted_total`, `drover_admin_accept_errors_total`.
+pub fn counters() -> (u64, u64) {
+    (
+        EVICTED.load(Ordering::Relaxed),
+        ACCEPT_ERRORS.load(Ordering::Relaxed),
+    )
+}
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -279,6 +293,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             Err(e) => {
                 let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                 let freed = out_of_fds && conns.lock().expect("not poisoned").evict_oldest();
+                ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
+                EVICTED.fetch_add(u64::from(freed), Ordering::Relaxed);
                 if let Some(n) = accept_failures.hit() {
                     tracing::warn!(
                         error = %e,
@@ -299,6 +315,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         let (close_tx, close_rx) = oneshot::channel();
         let (key, evicted) = conns.lock().expect("not poisoned").insert(close_tx);
         if evicted > 0 {
+            EVICTED.fetch_add(evicted as u64, Ordering::Relaxed);
             if let Some(n) = evictions.hit() {
                 tracing::warn!(
                     count = n,

@@ -289,7 +289,7 @@ impl Collector for SharedCollector {
     }
 }
 
-const FAMILIES: [(&str, &str); 9] = [
+const FAMILIES: [(&str, &str); 11] = [
     ("drover_http_requests_total", "HTTP requests answered, by worker and status code."),
     ("drover_http_request_duration_seconds", "Time to answer HTTP requests, all workers of the pod."),
     ("drover_http_requests_in_flight", "HTTP requests being answered now, all workers of the pod."),
@@ -299,6 +299,8 @@ const FAMILIES: [(&str, &str); 9] = [
     ("drover_worker_resident_memory_bytes", "Resident memory of each worker's current process."),
     ("drover_listen_queue_limit", "Accept-queue limit of the listening socket as the kernel enforces it."),
     ("drover_accept_errors_total", "Times accepting a connection on the shared socket failed (EMFILE, ENFILE, ENOBUFS, ...), by worker."),
+    ("drover_admin_connections_evicted_total", "Admin connections closed to make room for a new one (at the cap of open connections, or out of file descriptors): someone holds many connections to the admin port."),
+    ("drover_admin_accept_errors_total", "Times accepting a connection on the admin port failed (EMFILE, ENFILE, ...)."),
 ];
 
 impl PodCollector {
@@ -373,6 +375,17 @@ impl PodCollector {
                 out.push(gauge_family(FAMILIES[7], vec![(vec![], f64::from(limit))]));
             }
         }
+        let (evicted, admin_errors) = crate::admin::counters();
+        out.push(family(
+            FAMILIES[9],
+            MetricType::COUNTER,
+            vec![(vec![], evicted as f64)],
+        ));
+        out.push(family(
+            FAMILIES[10],
+            MetricType::COUNTER,
+            vec![(vec![], admin_errors as f64)],
+        ));
         if let Some(n) = listen_overflows() {
             out.push(family(
                 FAMILIES[4],
