@@ -247,6 +247,7 @@ fn admin_port_answers_every_probe_within_a_second_under_a_connection_flood() {
         held_fds = held_fds.max(fd_count(d.pid));
         std::thread::sleep(Duration::from_millis(50));
     }
+    let evicted = d.metric("drover_admin_connections_evicted_total");
     let (stop_r, stop_took) = timed(admin, "POST", "/admin/stop", &[], Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let _ = trickle.join();
@@ -271,7 +272,9 @@ fn admin_port_answers_every_probe_within_a_second_under_a_connection_flood() {
         held_fds >= fds_before + 400,
         "the flood never reached drover: {held_fds} descriptors (from {fds_before})"
     );
-    eprintln!("{probes} probes under flood, worst {worst:?}; stop {stop_took:?}; drover held {held_fds} fds");
+    // The cap was reached: the oldest connections made room for new ones.
+    assert!(evicted.is_some_and(|n| n >= 50.0), "evicted: {evicted:?}");
+    eprintln!("{probes} probes under flood, worst {worst:?}; stop {stop_took:?}; drover held {held_fds} fds; {evicted:?} evicted");
 }
 
 // -------------------------------------------------- 2. loopback = the pod
