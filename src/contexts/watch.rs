@@ -193,3 +193,73 @@ impl ContextsWatch {
         Some(assigned)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(rx: mpsc::UnboundedReceiver<Update>) -> ContextsWatch {
+        ContextsWatch {
+            rx: Some(rx),
+            text: "[{v: 0}, {v: 1}]".into(),
+            source: "file",
+            workers: None,
+            policy: OnContextsChange::Restart,
+            validate: None,
+            metrics: Metrics::new(crate::stop::StopFlag::new(), None),
+            per_worker: true,
+            checking: None,
+        }
+    }
+
+    fn update(text: &str) -> Update {
+        Update {
+            text: Ok(text.into()),
+            origin: "ctx.yaml".into(),
+            version: "v".into(),
+        }
+    }
+
+    /// The supervisor polls `next` inside a `select!`: dropping it while a
+    /// change is being checked on the blocking pool must not lose the change.
+    #[tokio::test]
+    async fn a_change_survives_next_being_dropped_mid_check() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut w = watch(rx);
+        // Big enough that its check is still running when `next` is dropped.
+        let items: Vec<String> = (0..2)
+            .map(|i| format!("- [{}]", vec![format!("{{k: {i}}}"); 5000].join(", ")))
+            .collect();
+        tx.send(update(&items.join("\n"))).unwrap();
+        tokio::select! {
+            biased;
+            _ = w.next(false) => panic!("the check finished within one poll"),
+            _ = std::future::ready(()) => {}
+        }
+        assert!(w.checking.is_some(), "the pending check was lost");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), w.next(false))
+            .await
+            .expect("next never returned")
+            .expect("the change was lost");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1][0], serde_json::json!({"k": 1}));
+    }
+
+    /// An invalid change is counted as a failure and skipped; the next
+    /// valid one is returned.
+    #[tokio::test]
+    async fn an_invalid_change_is_counted_and_skipped() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut w = watch(rx);
+        tx.send(update("- .nan\n- 1\n")).unwrap();
+        tx.send(update("[{v: 5}, {v: 6}]")).unwrap();
+        let got = w.next(false).await.unwrap();
+        assert_eq!(got[0], serde_json::json!({"v": 5}));
+        let failures = w
+            .metrics
+            .contexts_reloads
+            .with_label_values(&["failure"])
+            .get();
+        assert_eq!(failures, 1);
+    }
+}
