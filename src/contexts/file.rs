@@ -286,6 +286,16 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_is_refused_saying_so() {
+        let d = tmp("sock");
+        let p = d.join("ctx.yaml");
+        let _l = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        let e = read_regular(&p, 1024).unwrap_err();
+        assert!(e.to_string().contains("socket, not a regular file"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn devices_and_directories_are_refused() {
         let e = read_regular(Path::new("/dev/zero"), 1024).unwrap_err();
         assert!(e.to_string().contains("character device"), "{e}");
