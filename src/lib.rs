@@ -62,6 +62,8 @@ pub mod contexts;
 pub mod control;
 pub mod error;
 mod install;
+#[doc(hidden)]
+pub mod fuzzing;
 mod listener;
 mod logging;
 mod metrics;

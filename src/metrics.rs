@@ -54,7 +54,9 @@ const OFF_LANES: usize = OFF_SUM_NS + 1;
 const OFF_CONNS: usize = OFF_LANES + LANES;
 /// Per lane: 1 while the process's accept loop runs.
 const OFF_ACCEPTING: usize = OFF_CONNS + LANES;
-const SLOT_WORDS: usize = OFF_ACCEPTING + LANES;
+/// Failed `accept` calls on the shared socket (EMFILE and the like).
+const OFF_ACCEPT_ERRORS: usize = OFF_ACCEPTING + LANES;
+const SLOT_WORDS: usize = OFF_ACCEPT_ERRORS + 1;
 
 /// The shared region's total size in words.
 pub const REGION_WORDS: usize = SLOT_WORDS * MAX_WORKERS;
@@ -148,6 +150,11 @@ impl HttpRecorder {
     /// This worker's slot.
     pub fn slot(&self) -> usize {
         self.base / SLOT_WORDS
+    }
+
+    /// Accepting a connection failed (EMFILE, ENFILE, ENOBUFS, ...).
+    pub fn accept_error(&self) {
+        self.word(OFF_ACCEPT_ERRORS).fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request finished with `status` after `elapsed`.
@@ -360,7 +367,7 @@ impl Collector for SharedCollector {
     }
 }
 
-const FAMILIES: [(&str, &str); 8] = [
+const FAMILIES: [(&str, &str); 11] = [
     ("drover_http_requests_total", "HTTP requests answered, by worker and status code."),
     ("drover_http_request_duration_seconds", "Time to answer HTTP requests, all workers of the pod."),
     ("drover_http_requests_in_flight", "HTTP requests being answered now, all workers of the pod."),
@@ -369,6 +376,9 @@ const FAMILIES: [(&str, &str); 8] = [
     ("drover_worker_cpu_seconds_total", "CPU time used by each worker's processes, restarts included."),
     ("drover_worker_resident_memory_bytes", "Resident memory of each worker's current process."),
     ("drover_listen_queue_limit", "Accept-queue limit of the listening socket as the kernel enforces it."),
+    ("drover_accept_errors_total", "Times accepting a connection on the shared socket failed (EMFILE, ENFILE, ENOBUFS, ...), by worker."),
+    ("drover_admin_connections_evicted_total", "Admin connections closed to make room for a new one (at the cap of open connections, or out of file descriptors): someone holds many connections to the admin port."),
+    ("drover_admin_accept_errors_total", "Times accepting a connection on the admin port failed (EMFILE, ENFILE, ...)."),
 ];
 
 impl PodCollector {
@@ -441,6 +451,17 @@ impl PodCollector {
                 out.push(gauge_family(FAMILIES[7], vec![(vec![], f64::from(limit))]));
             }
         }
+        let (evicted, admin_errors) = crate::admin::counters();
+        out.push(family(
+            FAMILIES[9],
+            MetricType::COUNTER,
+            vec![(vec![], evicted as f64)],
+        ));
+        out.push(family(
+            FAMILIES[10],
+            MetricType::COUNTER,
+            vec![(vec![], admin_errors as f64)],
+        ));
         if let Some(n) = listen_overflows() {
             out.push(family(
                 FAMILIES[4],
@@ -541,6 +562,7 @@ fn listen_overflows() -> Option<u64> {
 fn http_families(words: &[AtomicU64], slots: usize) -> Vec<MetricFamily> {
     let slots = slots.min(MAX_WORKERS);
     let mut requests = Vec::new();
+    let mut accept_errors = Vec::new();
     let mut buckets = [0u64; DURATION_BUCKETS.len()];
     let (mut count, mut sum_ns, mut in_flight) = (0u64, 0u64, 0i64);
     for slot in 0..slots {
@@ -560,6 +582,10 @@ fn http_families(words: &[AtomicU64], slots: usize) -> Vec<MetricFamily> {
         for (b, c) in buckets.iter_mut().zip(&w[OFF_BUCKETS..OFF_COUNT]) {
             *b += c.load(Ordering::Relaxed);
         }
+        accept_errors.push((
+            vec![("worker", slot.to_string())],
+            w[OFF_ACCEPT_ERRORS].load(Ordering::Relaxed) as f64,
+        ));
         count += w[OFF_COUNT].load(Ordering::Relaxed);
         sum_ns += w[OFF_SUM_NS].load(Ordering::Relaxed);
         in_flight += w[OFF_LANES..OFF_LANES + LANES]
@@ -592,6 +618,7 @@ fn http_families(words: &[AtomicU64], slots: usize) -> Vec<MetricFamily> {
         family(FAMILIES[0], MetricType::COUNTER, requests),
         hist,
         gauge_family(FAMILIES[2], vec![(vec![], in_flight.max(0) as f64)]),
+        family(FAMILIES[8], MetricType::COUNTER, accept_errors),
     ]
 }
 

@@ -92,14 +92,22 @@ impl NotifySocket {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(_) => continue,
             };
-            let text = String::from_utf8_lossy(&buf[..n]);
             if let Some(pid) = pid {
-                if text.lines().any(|l| l.trim() == "READY=1") && tx.send(pid).is_err() {
+                if says_ready(&buf[..n]) && tx.send(pid).is_err() {
                     return;
                 }
             }
         }
     }
+}
+
+/// Whether one notification datagram says `READY=1`. The datagram is
+/// newline-separated `VAR=VALUE` assignments (`sd_notify(3)`), in any
+/// encoding; surrounding whitespace on a line is ignored. Never fails.
+pub fn says_ready(datagram: &[u8]) -> bool {
+    datagram
+        .split(|&b| b == b'\n')
+        .any(|line| line.trim_ascii() == b"READY=1")
 }
 
 /// `pid`'s parent, from `/proc`.
@@ -111,4 +119,22 @@ pub fn parent_of(pid: i32) -> Option<i32> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_is_one_line_among_others() {
+        assert!(says_ready(b"READY=1"));
+        assert!(says_ready(b"STATUS=booting\nREADY=1\n"));
+        assert!(says_ready(b"MAINPID=4\r\n READY=1 \r\n"));
+        assert!(!says_ready(b""));
+        assert!(!says_ready(b"READY=0"));
+        assert!(!says_ready(b"READY=10"));
+        assert!(!says_ready(b"XREADY=1"));
+        assert!(!says_ready(b"STATUS=READY=1"));
+        assert!(says_ready(b"\xff\xfe\nREADY=1"));
+    }
 }

@@ -111,8 +111,8 @@ pub struct Plan {
     pub contexts_version: String,
     /// What each worker runs.
     pub app: AppKind,
-    /// The admin bearer token.
-    pub token: Option<Vec<u8>>,
+    /// The admin bearer token (re-read when its file changes).
+    pub token: Option<crate::admin::Token>,
     per_worker: bool,
 }
 
@@ -168,11 +168,12 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
     let (text, origin, source, version) =
         match (&args.worker_contexts_file, &args.worker_contexts_configmap) {
             (Some(path), _) => {
-                let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
-                    what: "worker contexts file",
-                    path: path.clone(),
-                    source,
-                })?;
+                let text =
+                    contexts::file::read_contexts(path).map_err(|source| Error::ReadFile {
+                        what: "worker contexts file",
+                        path: path.clone(),
+                        source,
+                    })?;
                 let version = crate::contexts::file::content_version(&text);
                 (
                     text,
@@ -234,21 +235,7 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
 
     let token = match &args.admin_token_file {
         None => None,
-        Some(path) => {
-            let raw = std::fs::read(path).map_err(|source| Error::ReadFile {
-                what: "admin token file",
-                path: path.clone(),
-                source,
-            })?;
-            let token = raw.trim_ascii().to_vec();
-            if token.is_empty() {
-                return Err(Error::Config(format!(
-                    "admin token file {} is empty",
-                    path.display()
-                )));
-            }
-            Some(token)
-        }
+        Some(path) => Some(crate::admin::Token::load(path)?),
     };
     // Resolved here, so that `drover check` fails exactly when a run would.
     let listen = ListenPlan {

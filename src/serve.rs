@@ -66,6 +66,7 @@ pub async fn serve(
     balance.accepting(true);
     on_accepting();
     let mut defer = || balance.defer();
+    let mut accept_failures = crate::logging::Throttle::default();
     loop {
         tokio::select! {
             biased;
@@ -75,7 +76,13 @@ pub async fn serve(
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: back off briefly instead of spinning;
                     // the connection stays queued in the kernel meanwhile.
-                    tracing::warn!(error = %e, "accept failed");
+                    // Counted every time, logged at most once a second.
+                    if let Some(r) = &server.recorder {
+                        r.accept_error();
+                    }
+                    if let Some(n) = accept_failures.hit() {
+                        tracing::warn!(error = %e, count = n, "accept failed ({n} times since the last report)");
+                    }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }

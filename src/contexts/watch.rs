@@ -1,10 +1,16 @@
 //! The contexts' source after start: a watch of the file or the ConfigMap,
-//! each change checked as at start (YAML, count, the app's type) before it
-//! is handed to the supervisor. It never starts or stops a process.
+//! each change checked as at start (YAML, size limits, count, the app's
+//! type) before it is handed to the supervisor. It never starts or stops a
+//! process.
+//!
+//! The check runs on tokio's blocking pool, never on the supervisor's event
+//! loop: parsing a large document takes a while, and the admin port (the
+//! kubelet's probes) is served by that loop.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::app::Validate;
 use crate::config::{OnContextsChange, Workers};
@@ -32,6 +38,33 @@ pub(crate) struct ContextsWatch {
     metrics: Metrics,
     /// The contexts in force give one item per worker.
     pub(crate) per_worker: bool,
+    /// The change being checked off the event loop. Kept here, not in the
+    /// `next` future, so that `next` stays cancel-safe inside a `select!`.
+    checking: Option<(Update, JoinHandle<Checked>)>,
+}
+
+/// A change, parsed and checked: the contexts per worker, and whether the
+/// document gave one item per worker.
+type Checked = std::result::Result<(Vec<serde_json::Value>, bool), String>;
+
+/// Everything the check of a change needs, movable to another thread.
+struct Check {
+    workers: Option<Workers>,
+    validate: Option<Arc<Validate>>,
+}
+
+impl Check {
+    fn run(&self, text: &str, origin: &str) -> Checked {
+        let parsed = contexts::parse(text, origin).map_err(|e| e.to_string())?;
+        let assigned = contexts::assign(&parsed, self.workers, crate::cgroup::allowed_cpus, origin)
+            .map_err(|e| e.to_string())?;
+        if let Some(validate) = &self.validate {
+            for (i, c) in assigned.iter().enumerate() {
+                validate(i, c)?;
+            }
+        }
+        Ok((assigned, matches!(parsed, contexts::Contexts::PerWorker(_))))
+    }
 }
 
 impl ContextsWatch {
@@ -70,59 +103,78 @@ impl ContextsWatch {
             validate: matches!(plan.app, AppKind::Builtin).then_some(validate),
             metrics,
             per_worker: plan.contexts_per_worker(),
+            checking: None,
         }
     }
 
     /// The next valid change to apply; None once the source can say no more.
+    /// Cancel-safe: a change being checked when the future is dropped is
+    /// picked up by the next call.
     pub(crate) async fn next(&mut self, in_process: bool) -> Option<Vec<serde_json::Value>> {
         loop {
-            let update = match self.rx.as_mut() {
-                Some(rx) => rx.recv().await,
-                None => None,
-            };
-            let Some(update) = update else {
-                self.rx = None;
-                return None;
-            };
-            let origin = update.origin.clone();
-            match self.evaluate(update, in_process) {
-                Ok(Some(c)) => return Some(c),
-                Ok(None) => {}
-                Err(e) => {
-                    self.metrics
-                        .contexts_reloads
-                        .with_label_values(&["failure"])
-                        .inc();
-                    tracing::error!("ignoring new worker contexts from {origin}: {e}; the workers keep their last good contexts");
+            if self.checking.is_none() {
+                let update = match self.rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => None,
+                };
+                let Some(update) = update else {
+                    self.rx = None;
+                    return None;
+                };
+                let text = match &update.text {
+                    Err(e) => {
+                        self.failed(&update.origin, e);
+                        continue;
+                    }
+                    Ok(t) if *t == self.text => continue,
+                    Ok(t) => t.clone(),
+                };
+                // In-process there is exactly one worker and no process to add.
+                let check = Check {
+                    workers: if in_process {
+                        Some(Workers::Count(1))
+                    } else {
+                        self.workers
+                    },
+                    validate: self.validate.clone(),
+                };
+                let origin = update.origin.clone();
+                let handle = tokio::task::spawn_blocking(move || check.run(&text, &origin));
+                self.checking = Some((update, handle));
+            }
+            let (_, handle) = self.checking.as_mut().expect("set above");
+            let checked = handle
+                .await
+                .unwrap_or_else(|e| Err(format!("the check of the change failed: {e}")));
+            let (update, _) = self.checking.take().expect("set above");
+            match checked {
+                Ok((assigned, per_worker)) => {
+                    if let Some(c) = self.accept(update, assigned, per_worker) {
+                        return Some(c);
+                    }
                 }
+                Err(e) => self.failed(&update.origin, &e),
             }
         }
     }
 
-    fn evaluate(
+    fn failed(&self, origin: &str, e: &str) {
+        self.metrics
+            .contexts_reloads
+            .with_label_values(&["failure"])
+            .inc();
+        tracing::error!("ignoring new worker contexts from {origin}: {e}; the workers keep their last good contexts");
+    }
+
+    /// A valid change: it is now in force; returns the contexts to roll to
+    /// unless the policy is to ignore changes.
+    fn accept(
         &mut self,
         u: Update,
-        in_process: bool,
-    ) -> std::result::Result<Option<Vec<serde_json::Value>>, String> {
-        let text = u.text?;
-        if text == self.text {
-            return Ok(None);
-        }
-        let parsed = contexts::parse(&text, &u.origin).map_err(|e| e.to_string())?;
-        // In-process there is exactly one worker and no process to add.
-        let workers = if in_process {
-            Some(Workers::Count(1))
-        } else {
-            self.workers
-        };
-        let assigned = contexts::assign(&parsed, workers, crate::cgroup::allowed_cpus, &u.origin)
-            .map_err(|e| e.to_string())?;
-        if let Some(validate) = &self.validate {
-            for (i, c) in assigned.iter().enumerate() {
-                validate(i, c)?;
-            }
-        }
-        self.text = text;
+        assigned: Vec<serde_json::Value>,
+        per_worker: bool,
+    ) -> Option<Vec<serde_json::Value>> {
+        self.text = u.text.unwrap_or_default();
         self.metrics
             .contexts_reloads
             .with_label_values(&["success"])
@@ -133,17 +185,88 @@ impl ContextsWatch {
                 "worker contexts changed in {}; --on-contexts-change ignore: the workers keep theirs",
                 u.origin
             );
-            return Ok(None);
+            return None;
         }
         // Only contexts in force decide whether SIGTTIN/SIGTTOU may change
         // the count (an ignored change does not).
-        self.per_worker = matches!(parsed, contexts::Contexts::PerWorker(_));
+        self.per_worker = per_worker;
         self.version = u.version.clone();
         tracing::info!(
             version = u.version,
             "new worker contexts from {}: rolling restart",
             u.origin
         );
-        Ok(Some(assigned))
+        Some(assigned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(rx: mpsc::UnboundedReceiver<Update>) -> ContextsWatch {
+        ContextsWatch {
+            rx: Some(rx),
+            text: "[{v: 0}, {v: 1}]".into(),
+            source: "file",
+            version: String::new(),
+            workers: None,
+            policy: OnContextsChange::Restart,
+            validate: None,
+            metrics: Metrics::new(crate::stop::StopFlag::new(), None),
+            per_worker: true,
+            checking: None,
+        }
+    }
+
+    fn update(text: &str) -> Update {
+        Update {
+            text: Ok(text.into()),
+            origin: "ctx.yaml".into(),
+            version: "v".into(),
+        }
+    }
+
+    /// The supervisor polls `next` inside a `select!`: dropping it while a
+    /// change is being checked on the blocking pool must not lose the change.
+    #[tokio::test]
+    async fn a_change_survives_next_being_dropped_mid_check() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut w = watch(rx);
+        // Big enough that its check is still running when `next` is dropped.
+        let items: Vec<String> = (0..2)
+            .map(|i| format!("- [{}]", vec![format!("{{k: {i}}}"); 5000].join(", ")))
+            .collect();
+        tx.send(update(&items.join("\n"))).unwrap();
+        tokio::select! {
+            biased;
+            _ = w.next(false) => panic!("the check finished within one poll"),
+            _ = std::future::ready(()) => {}
+        }
+        assert!(w.checking.is_some(), "the pending check was lost");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), w.next(false))
+            .await
+            .expect("next never returned")
+            .expect("the change was lost");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1][0], serde_json::json!({"k": 1}));
+    }
+
+    /// An invalid change is counted as a failure and skipped; the next
+    /// valid one is returned.
+    #[tokio::test]
+    async fn an_invalid_change_is_counted_and_skipped() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut w = watch(rx);
+        tx.send(update("- .nan\n- 1\n")).unwrap();
+        tx.send(update("[{v: 5}, {v: 6}]")).unwrap();
+        let got = w.next(false).await.unwrap();
+        assert_eq!(got[0], serde_json::json!({"v": 5}));
+        let failures = w
+            .metrics
+            .contexts_reloads
+            .with_label_values(&["failure"])
+            .get();
+        assert_eq!(failures, 1);
     }
 }

@@ -13,9 +13,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Path of the binary under test.
+/// Path of the binary under test: `DROVER_TEST_BIN` if set (to show that a
+/// test fails against another build, e.g. the one before a fix), else the
+/// one cargo built.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drover"))
+    std::env::var_os("DROVER_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drover")))
 }
 
 /// A fresh temporary directory, removed when dropped.
