@@ -208,6 +208,7 @@ pub async fn bind(host: &str, port: u16) -> Result<TcpListener> {
             format!("{bare}:{port} (admin)")
         },
         reason,
+        source: None,
     };
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
         .await

@@ -52,6 +52,9 @@ pub enum Error {
         addr: String,
         /// What went wrong, in words.
         reason: String,
+        /// The OS error behind it, when there is one.
+        #[source]
+        source: Option<std::io::Error>,
     },
 
     /// The external command cannot be executed at all.

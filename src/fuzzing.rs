@@ -45,3 +45,37 @@ pub fn admin<B>(req: &hyper::Request<B>, peer: SocketAddr, token: Option<&[u8]>)
 pub fn notify(datagram: &[u8]) -> bool {
     crate::notify::says_ready(datagram)
 }
+
+/// The control socket's bytes as the supervisor reads them from a worker
+/// (`own_worker`: drover's own; else an external command), and a worker's
+/// environment as a worker decodes it: `vars` is `NAME=value` lines.
+/// Returns the messages read and whether the environment decoded.
+pub fn control(bytes: &[u8], own_worker: bool, vars: &str) -> (Vec<bool>, bool) {
+    use crate::control::{ToSupervisor, ToWorker, WorkerEnv};
+    let msgs = bytes
+        .iter()
+        .map(|&b| {
+            let _ = ToWorker::decode(b);
+            ToSupervisor::decode(b, own_worker) == ToSupervisor::Ready
+        })
+        .collect();
+    let env: std::collections::HashMap<&str, &str> =
+        vars.lines().filter_map(|l| l.split_once('=')).collect();
+    let decoded = WorkerEnv::decode(|k| env.get(k).map(|v| v.to_string()));
+    if let Ok(w) = &decoded {
+        // What decodes encodes back to the same worker.
+        let again: std::collections::HashMap<String, String> = w
+            .encode()
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(&k).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                )
+            })
+            .collect();
+        let round = WorkerEnv::decode(|k| again.get(k).cloned()).expect("re-encoded env decodes");
+        assert_eq!(&round, w, "encode/decode round trip");
+    }
+    (msgs, decoded.is_ok())
+}

@@ -61,9 +61,9 @@ pub mod config;
 pub mod contexts;
 pub mod control;
 pub mod error;
-mod install;
 #[doc(hidden)]
 pub mod fuzzing;
+mod install;
 mod listener;
 mod logging;
 mod metrics;

@@ -83,11 +83,13 @@ pub fn resolve(host: &str, port: u16, what: &str) -> Result<SocketAddr> {
         .map_err(|e| Error::Listen {
             addr: shown.clone(),
             reason: format!("`{host}` is not an address or a resolvable host name ({e})"),
+            source: Some(e),
         })?
         .next()
         .ok_or_else(|| Error::Listen {
             addr: shown,
             reason: format!("`{host}` resolves to no address"),
+            source: None,
         })
 }
 
@@ -114,6 +116,7 @@ impl Listener {
                 io::ErrorKind::AddrNotAvailable => "no local interface has this address".into(),
                 _ => e.to_string(),
             },
+            source: Some(e),
         };
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
         socket.set_reuse_address(true).map_err(fail)?;
@@ -148,6 +151,7 @@ impl Listener {
         let fail = |reason: String| Error::Listen {
             addr: format!("unix:{}", path.display()),
             reason,
+            source: None,
         };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
