@@ -9,38 +9,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn fixture() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/lifecycle_worker.py")
-        .display()
-        .to_string()
-}
-
-/// drover `opts -- python3 lifecycle_worker.py flags`.
-fn external(opts: &[&str], flags: &[&str]) -> Drover {
-    let fx = fixture();
-    let mut args: Vec<&str> = opts.to_vec();
-    args.extend(["--", "python3", fx.as_str()]);
-    args.extend(flags);
-    start(&args)
-}
-
-fn send(pid: u32, sig: i32) {
-    // SAFETY-free: libc-less kill through the `kill` command keeps the test
-    // crate free of unsafe.
-    let st = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill -{sig} {pid}");
-}
 
 /// Lines of the JSON log whose message starts with `prefix`.
 fn log_lines(d: &Drover, prefix: &str) -> Vec<serde_json::Value> {
@@ -205,7 +178,7 @@ fn failed_starts_back_off_even_after_a_long_healthy_run() {
     // Long enough that the worker counts as healthy (its backoff is reset).
     std::thread::sleep(Duration::from_millis(10_500));
     std::fs::remove_file(&script).unwrap();
-    send(pid, 9);
+    send_signal(pid, 9);
     std::thread::sleep(Duration::from_secs(2));
     let failures = d
         .log
@@ -232,7 +205,7 @@ fn a_drain_gives_a_workers_leftover_children_their_graceful_time() {
     let dir = TempDir::new("leftover");
     let marker = dir.0.join("done");
     let m = marker.display().to_string();
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &[
             "--workers",
             "1",
@@ -260,7 +233,7 @@ fn a_drain_gives_a_workers_leftover_children_their_graceful_time() {
 /// killed, and that makes the exit code 1.
 #[test]
 fn a_leftover_killed_at_the_drain_deadline_makes_the_exit_code_1() {
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &[
             "--workers",
             "1",
@@ -355,7 +328,7 @@ fn an_exited_workers_group_id_reused_by_a_stranger_is_never_signalled() {
 /// both of its processes, and later rolls must still run.
 #[test]
 fn sigttou_during_the_roll_of_the_removed_slot_does_not_stall_rolls() {
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &[
             "--workers",
             "2",
@@ -368,15 +341,15 @@ fn sigttou_during_the_roll_of_the_removed_slot_does_not_stall_rolls() {
     );
     d.wait_ready();
     let first: Vec<u32> = wait_started(&d, 2).iter().map(|s| s.1).collect();
-    send(d.pid, 1); // HUP: replace 0, then 1
-                    // Once slot 1's replacement is starting (not up yet), remove slot 1.
+    send_signal(d.pid, 1); // HUP: replace 0, then 1
+                           // Once slot 1's replacement is starting (not up yet), remove slot 1.
     wait_for(
         &d,
         "the roll never reached worker 1",
         Duration::from_secs(10),
         || started(&d).iter().filter(|s| s.0 == 1).count() == 2,
     );
-    send(d.pid, 22); // TTOU
+    send_signal(d.pid, 22); // TTOU
     let serving = || {
         descendants(d.pid)
             .into_iter()
@@ -395,7 +368,7 @@ fn sigttou_during_the_roll_of_the_removed_slot_does_not_stall_rolls() {
     );
     // A later HUP rolls through (it was stalled forever).
     let before = log_lines(&d, "rolling restart done").len();
-    send(d.pid, 1);
+    send_signal(d.pid, 1);
     wait_for(
         &d,
         "the next HUP did not finish",
@@ -415,7 +388,7 @@ fn sigttou_during_the_roll_of_the_removed_slot_does_not_stall_rolls() {
 /// while its successor boots) stops the service.
 #[test]
 fn a_stop_asked_by_a_worker_being_replaced_is_honoured() {
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &[
             "--workers",
             "1",
@@ -428,7 +401,7 @@ fn a_stop_asked_by_a_worker_being_replaced_is_honoured() {
     );
     d.wait_ready();
     let old = wait_started(&d, 1)[0].1;
-    send(d.pid, 1);
+    send_signal(d.pid, 1);
     wait_for(&d, "no replacement started", Duration::from_secs(5), || {
         started(&d).len() == 2
     });
@@ -479,9 +452,9 @@ fn the_in_flight_gauge_survives_overlapping_rolls() {
         Duration::from_secs(5),
         || in_flight(&d) == 6.0,
     );
-    send(d.pid, 1); // gen 2 replaces gen 1 (which finishes its requests)
+    send_signal(d.pid, 1); // gen 2 replaces gen 1 (which finishes its requests)
     wait_log(&d, "rolling restart done", Duration::from_secs(5));
-    send(d.pid, 1); // gen 3 replaces gen 2, while gen 1 still finishes
+    send_signal(d.pid, 1); // gen 3 replaces gen 2, while gen 1 still finishes
     wait_for(
         &d,
         "second roll did not finish",
@@ -514,14 +487,14 @@ fn unused_signals_are_forwarded_to_workers_and_never_kill_drover() {
     let got = dir.0.join("signals");
     let g = got.display().to_string();
     // Ready (READY=1) only once the fixture's handlers are installed.
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &["--workers", "2", "--worker-ready", "notify"],
         &["--signals", &g],
     );
     d.wait_ready();
     for sig in [10, 12, 28] {
         // USR1, USR2, WINCH
-        send(d.pid, sig);
+        send_signal(d.pid, sig);
         std::thread::sleep(Duration::from_millis(100));
         assert!(d.try_status().is_none(), "signal {sig} killed drover");
     }
@@ -598,7 +571,7 @@ fn a_sigterm_right_after_launch_starts_a_drain() {
             );
         }
         std::thread::sleep(Duration::from_micros(delay_us));
-        send(child.id(), 15);
+        send_signal(child.id(), 15);
         let deadline = Instant::now() + Duration::from_secs(10);
         let st = loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -625,7 +598,7 @@ fn a_setsid_grandchild_does_not_outlive_drover() {
     let dir = TempDir::new("setsid");
     let pidfile = dir.0.join("pid");
     let p = pidfile.display().to_string();
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &["--workers", "1", "--graceful-timeout", "2s"],
         &["--setsid-child", &p],
     );
@@ -659,7 +632,7 @@ fn sigttin_past_1024_workers_is_refused() {
         "1000",
     ]);
     d.wait_ready();
-    send(d.pid, 21);
+    send_signal(d.pid, 21);
     wait_log(&d, "SIGTTIN ignored", Duration::from_secs(5));
     assert_eq!(d.metric("drover_workers_desired"), Some(1024.0));
     d.signal(15);
@@ -684,7 +657,7 @@ fn ttin_follows_the_contexts_in_force_when_changes_are_ignored() {
     std::fs::write(dir.0.join("next.yaml"), "{a: 3}\n").unwrap();
     std::fs::rename(dir.0.join("next.yaml"), &file).unwrap();
     wait_log(&d, "--on-contexts-change ignore", Duration::from_secs(5));
-    send(d.pid, 21);
+    send_signal(d.pid, 21);
     wait_log(&d, "SIGTTIN ignored", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(d.metric("drover_workers_desired"), Some(2.0));

@@ -8,36 +8,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn fixture() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/lifecycle_worker.py")
-        .display()
-        .to_string()
-}
-
-fn external(opts: &[&str], flags: &[&str]) -> Drover {
-    let fx = fixture();
-    let mut args: Vec<&str> = opts.to_vec();
-    args.extend(["--", "python3", fx.as_str()]);
-    args.extend(flags);
-    start(&args)
-}
-
-fn send(pid: u32, sig: i32) {
-    let st = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
 
 fn log_count(d: &Drover, prefix: &str) -> usize {
     d.log
@@ -127,7 +102,7 @@ fn a_bad_contexts_change_halts_the_roll_and_loses_nothing() {
     let dir = TempDir::new("bad-change");
     let file = dir.file("contexts.yaml", "- {v: 1}\n- {v: 1}\n");
     let f = file.display().to_string();
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &["--worker-contexts-file", &f, "--graceful-timeout", "5s"],
         &["--exit-if-bad", "--no-notify"],
     );
@@ -197,12 +172,12 @@ fn content_version(text: &str) -> String {
 /// takes about N × 2 s.
 #[test]
 fn hup_with_a_slow_booting_app_never_stalls_the_service() {
-    let mut d = external(&["--workers", "2"], &["--ready-after", "2", "--no-notify"]);
+    let mut d = lifecycle_worker(&["--workers", "2"], &["--ready-after", "2", "--no-notify"]);
     d.wait_ready();
     let load = Load::start(d.app());
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
-    send(d.pid, 1);
+    send_signal(d.pid, 1);
     wait_for(
         &d,
         "the roll did not finish",
@@ -228,7 +203,7 @@ fn a_contexts_change_with_a_slow_booting_app_never_stalls_the_service() {
     let dir = TempDir::new("slow-change");
     let file = dir.file("contexts.yaml", "- {v: 1}\n- {v: 1}\n");
     let f = file.display().to_string();
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &["--worker-contexts-file", &f],
         &["--ready-after", "2", "--no-notify"],
     );
@@ -258,7 +233,7 @@ fn a_replacement_that_never_comes_up_times_out_and_halts_the_roll() {
     let dir = TempDir::new("never-up");
     let file = dir.file("contexts.yaml", "{v: 1}\n");
     let f = file.display().to_string();
-    let fx = fixture();
+    let fx = lifecycle_fixture();
     // v: 2 makes the fixture never accept (a flag read from the context).
     let mut d = start(&[
         "--worker-contexts-file", &f, "--workers", "1", "--worker-ready-timeout", "1s",
@@ -284,7 +259,7 @@ fn a_replacement_that_never_comes_up_times_out_and_halts_the_roll() {
 /// take it as a path (Ruby's sd_notify, puma) work; it is removed on exit.
 #[test]
 fn notify_socket_is_a_path_that_path_only_clients_can_use() {
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &["--workers", "2", "--worker-ready", "notify"],
         &["--notify-path-only"],
     );
@@ -320,7 +295,7 @@ fn two_drovers_as_pid_1_in_one_network_namespace_both_start() {
             }
         }
     }
-    let fx = fixture();
+    let fx = lifecycle_fixture();
     let mut kids = Vec::new();
     for _ in 0..2 {
         let child = std::process::Command::new("unshare")
@@ -393,7 +368,7 @@ fn two_drovers_as_pid_1_in_one_network_namespace_both_start() {
 /// queue to empty until `--graceful-timeout`; the stop signal comes soon.
 #[test]
 fn a_worker_that_never_accepts_gets_the_stop_signal_well_before_the_timeout() {
-    let mut d = external(
+    let mut d = lifecycle_worker(
         &[
             "--workers",
             "1",
@@ -427,7 +402,7 @@ fn a_worker_that_never_accepts_gets_the_stop_signal_well_before_the_timeout() {
 /// exits 1.
 #[test]
 fn a_worker_killed_by_the_stop_signal_is_reported_and_exits_1() {
-    let mut d = external(&["--workers", "1"], &["--no-term-handler"]);
+    let mut d = lifecycle_worker(&["--workers", "1"], &["--no-term-handler"]);
     d.wait_ready();
     let r = http(d.app(), "GET", "/", &[]).unwrap();
     assert_eq!(r.status, 200);

@@ -422,3 +422,30 @@ pub fn run_to_exit(args: &[&str]) -> (i32, String) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The multi-purpose external worker of the lifecycle tests.
+pub fn lifecycle_fixture() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/lifecycle_worker.py")
+        .display()
+        .to_string()
+}
+
+/// drover `opts -- python3 lifecycle_worker.py flags`.
+pub fn lifecycle_worker(opts: &[&str], flags: &[&str]) -> Drover {
+    let fx = lifecycle_fixture();
+    let mut args: Vec<&str> = opts.to_vec();
+    args.extend(["--", "python3", fx.as_str()]);
+    args.extend(flags);
+    start(&args)
+}
+
+/// Sends `sig` to `pid` (a process the test started) with kill(1).
+pub fn send_signal(pid: u32, sig: i32) {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -{sig} {pid}");
+}
