@@ -46,6 +46,30 @@ pub fn accepting(root: i32, ino: u64) -> bool {
     false
 }
 
+/// Whether some process of the tree rooted at `root` holds a descriptor of
+/// the socket with inode `ino`.
+pub fn holds(root: i32, ino: u64) -> bool {
+    let socket = format!("socket:[{ino}]");
+    let mut todo = vec![root];
+    let mut seen = 0;
+    while let Some(pid) = todo.pop() {
+        let held = std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == socket.as_str())
+            })
+        });
+        if held {
+            return true;
+        }
+        seen += 1;
+        if seen > 256 {
+            return false;
+        }
+        todo.extend(children(pid));
+    }
+    false
+}
+
 fn children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {

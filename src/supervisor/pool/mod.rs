@@ -55,6 +55,8 @@ pub struct ProcOs {
     ctl: Option<SupervisorEnd>,
     /// It had no handler for `--stop-signal` when it was sent.
     stop_unhandled: bool,
+    /// When it (or a descendant) sent READY=1 (`--worker-ready auto`).
+    notified_at: Option<Instant>,
 }
 
 /// A message from a worker's control socket, or a `READY=1`.
@@ -62,6 +64,10 @@ enum Message {
     Control(i32, ToSupervisor),
     Notified(i32),
 }
+
+/// Under `--worker-ready auto`, how long after READY=1 a worker that holds
+/// the socket but is not seen accepting is taken at its word.
+const NOTIFIED_GRACE: Duration = Duration::from_secs(5);
 
 /// How often starting workers are looked at for accepting.
 const LOOK_EVERY: Duration = Duration::from_millis(20);
@@ -212,6 +218,22 @@ impl Pool {
         for (pid, slot) in starting {
             if accepting::accepting(pid, ino) {
                 tracing::info!(worker = slot, pid, "worker is accepting: up");
+                self.lc.ready(pid);
+                continue;
+            }
+            // An app that said READY=1, holds the socket, and is still not
+            // seen accepting a while later waits in a way drover cannot see
+            // (io_uring, say): its READY=1 is taken at its word. One that
+            // does not even hold the socket (puma without its socket flag
+            // binds a port of its own) is never up.
+            let notified = self.lc.table.procs[&pid].handle.notified_at;
+            if notified.is_some_and(|t| t.elapsed() >= NOTIFIED_GRACE) && accepting::holds(pid, ino)
+            {
+                tracing::info!(
+                    worker = slot,
+                    pid,
+                    "worker said READY=1 and holds the socket, though it is not seen accepting: up"
+                );
                 self.lc.ready(pid);
             }
         }
@@ -374,12 +396,21 @@ impl Pool {
     fn on_notified_ready(&mut self, pid: i32) {
         let mut p = pid;
         for _ in 0..16 {
-            if let Some(proc) = self.lc.table.procs.get(&p) {
+            let detect = self.detect.is_some();
+            if let Some(proc) = self.lc.table.procs.get_mut(&p) {
                 if let Some(slot) = proc.slot {
                     if proc.phase == table::Phase::Starting {
                         tracing::info!(worker = slot, pid = p, "worker reported READY=1");
                     }
-                    self.lc.ready(p);
+                    if detect {
+                        // `auto`: READY=1 is not enough, the worker must be
+                        // seen accepting (gunicorn's master says READY=1
+                        // before its worker has loaded the app; puma says
+                        // it after binding a port of its own).
+                        proc.handle.notified_at.get_or_insert(Instant::now());
+                    } else {
+                        self.lc.ready(p);
+                    }
                 }
                 return;
             }
@@ -530,6 +561,7 @@ impl Pool {
             ProcOs {
                 ctl: Some(started.ctl),
                 stop_unhandled: false,
+                notified_at: None,
             },
             Instant::now(),
         );
