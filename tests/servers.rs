@@ -814,3 +814,31 @@ fn hup_under_load_gunicorn_preload_slow_boot() {
 fn hup_under_load_gunicorn_slow_boot() {
     hup_under_load("gunicorn", &gunicorn("slowboot:wsgi", &[]), Up::Notify, 0);
 }
+
+/// puma without `--bind-to-activated-sockets only` closes drover's socket
+/// ("Closing unused activated socket") and listens on its own port, yet it
+/// says READY=1: under `auto` drover counts it up and `/readyz` turns 200
+/// while nothing accepts on the service's socket. Fails today (auto trusts
+/// READY=1 without seeing the worker accept); without NOTIFY_SOCKET the
+/// same puma is never up (`--worker-ready-timeout`, a failed start), as it
+/// should be.
+#[test]
+#[ignore = "fails today: auto trusts READY=1 from a worker that never accepts on the socket"]
+fn puma_without_its_socket_flag_is_never_up() {
+    let cmd = vec![
+        system_bin("puma"),
+        "--bind".into(),
+        "tcp://127.0.0.1:0".into(),
+        fixture("config.ru"),
+    ];
+    let d = run(&["--workers", "1"], &cmd, &[]);
+    // puma boots in well under a second here (its output goes to stdout).
+    std::thread::sleep(Duration::from_secs(4));
+    let readyz = http(d.admin, "GET", "/readyz", &[]).unwrap().status;
+    assert_eq!(
+        readyz,
+        503,
+        "up, but nothing accepts on the socket:\n{}",
+        d.log_text()
+    );
+}
