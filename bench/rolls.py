@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import sys
@@ -189,7 +190,8 @@ def main() -> int:
     a = ap.parse_args()
     rolls, foots, reps = (["drover+uvicorn"], [], 1) if a.smoke else (ROLLS, FOOTPRINTS, a.reps)
 
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rolls": {}, "pss": {}}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rolls": {}, "pss": {},
+           "load_before": os.getloadavg()}
     for rep in range(reps):
         for name in rolls[rep % len(rolls):] + rolls[:rep % len(rolls)]:
             r = roll_once(name, a)
@@ -200,7 +202,9 @@ def main() -> int:
             out["pss"].setdefault(name, []).append(r)
             print(f"pss:   {name:36} rep {rep}: {r}", file=sys.stderr)
 
-    print(f"\n### HUP under load, 2 s boot, 2 workers ({out['date']}; median of {reps})\n")
+    out["load_after"] = os.getloadavg()
+    print(f"\n### HUP under load, 2 s boot, 2 workers ({out['date']}; median of {reps}; "
+          f"load average {out['load_before'][0]:.1f} → {out['load_after'][0]:.1f})\n")
     print("| contender | requests | failed | max latency (ms) | p99 (ms) |")
     print("|---|---:|---:|---:|---:|")
     for name, rs in out["rolls"].items():
