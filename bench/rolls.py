@@ -75,8 +75,9 @@ def roll_argv(name: str, a, port: int, admin: int) -> list[str]:
     }[name]()
 
 
-def one_request(port: int) -> float | None:
-    """Seconds for one GET / on a new connection, or None if it failed."""
+def one_request(port: int, errors: list[str]) -> float | None:
+    """Seconds for one GET / on a new connection, or None if it failed
+    (what went wrong appended to errors)."""
     t0 = time.perf_counter()
     try:
         with socket.create_connection((B.HOST, port), timeout=5) as s:
@@ -89,8 +90,10 @@ def one_request(port: int) -> float | None:
                     break
                 buf += chunk
         if not buf.startswith(b"HTTP/1.1 200"):
+            errors.append(f"answer {buf[:40]!r}")
             return None
-    except OSError:
+    except OSError as e:
+        errors.append(f"{type(e).__name__}: {e}")
         return None
     return time.perf_counter() - t0
 
@@ -105,11 +108,12 @@ def roll_once(name: str, a) -> dict:
         else:
             time.sleep(2.5)  # every worker of its own supervisor has booted
         results: list[float | None] = []
+        errors: list[str] = []
         stop = threading.Event()
 
         def client():
             while not stop.is_set():
-                results.append(one_request(port))
+                results.append(one_request(port, errors))
                 time.sleep(0.01)
 
         threads = [threading.Thread(target=client) for _ in range(2)]
@@ -129,6 +133,7 @@ def roll_once(name: str, a) -> dict:
             "max_ms": round(1000 * max(ok), 1) if ok else None,
             "p99_ms": round(1000 * ok[int(0.99 * (len(ok) - 1))], 1) if ok else None,
             "alive": p.poll() is None,
+            "errors": errors,
         }
     finally:
         B.stop_tree(p)
@@ -187,8 +192,11 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="one rep of drover+uvicorn's roll only")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", help="comma-separated contenders of the roll part (skips the PSS part)")
     a = ap.parse_args()
     rolls, foots, reps = (["drover+uvicorn"], [], 1) if a.smoke else (ROLLS, FOOTPRINTS, a.reps)
+    if a.only:
+        rolls, foots = a.only.split(","), []
 
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rolls": {}, "pss": {},
            "load_before": os.getloadavg()}

@@ -770,9 +770,15 @@ fn hup_under_load(name: &str, cmd: &[String], how: Up, closed_unanswered: usize)
     );
 }
 
+/// uvicorn's graceful stop closes the connections it holds with no request
+/// cycle yet (`H11Protocol.shutdown`: `cycle is None`), a just-accepted one
+/// included: the same race as hypercorn's, rarer (one failed request in 9
+/// rolls of bench/rolls.py, whose reason was not recorded then; none in
+/// these tests so far; uvicorn's own `--workers` HUP retires workers with
+/// the same TERM). Allowed as for hypercorn.
 #[test]
 fn hup_under_load_uvicorn_slow_boot() {
-    hup_under_load("uvicorn", &uvicorn("slowboot:asgi"), Up::Accepting, 0);
+    hup_under_load("uvicorn", &uvicorn("slowboot:asgi"), Up::Accepting, 2);
 }
 
 /// hypercorn, when it stops, closes every connection it holds with no
