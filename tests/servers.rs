@@ -778,7 +778,7 @@ fn hup_under_load(name: &str, cmd: &[String], how: Up, closed_unanswered: usize)
 /// uvicorn's graceful stop closes the connections it holds with no request
 /// cycle yet (`H11Protocol.shutdown`: `cycle is None`), a just-accepted one
 /// included: the same race as hypercorn's, rarer (one failed request in 9
-/// rolls of bench/rolls.py, one in 7 runs of this test: "Connection reset
+/// rolls of bench/rolls.py, one in 13 runs of this test: "Connection reset
 /// by peer", the request's bytes having arrived unread; uvicorn's own
 /// `--workers` HUP retires workers with the same TERM). Allowed as for
 /// hypercorn.
@@ -790,8 +790,8 @@ fn hup_under_load_uvicorn_slow_boot() {
 /// hypercorn, when it stops, closes every connection it holds with no
 /// request in progress (`_idle_timeout` waits for `context.terminated`),
 /// including one it has just accepted and not yet read: under load, a
-/// retired worker can close a request or so unanswered (seen in about one
-/// roll in three here). That is hypercorn's, not drover's: allowed, at most
+/// retired worker can close a request or so unanswered (seen in 2 rolls
+/// of 13 here). That is hypercorn's, not drover's: allowed, at most
 /// one per retired worker, and only as a connection closed (or reset) with
 /// no answer.
 #[test]
