@@ -349,3 +349,29 @@ fn accept_queue_gauge_follows_the_kernel_under_wrk() {
     let _ = TcpStream::connect(d.app()).unwrap();
     assert_eq!(get_index(d.app())["context"], serde_json::Value::Null);
 }
+
+/// Every worker's restart counter exists from the start, at 0 (Prometheus'
+/// own guidance: a series that appears only with its first increment hides
+/// that increment from `increase()`), and so does one added by SIGTTIN.
+#[test]
+fn restart_counters_exist_at_zero_for_every_worker() {
+    let d = start(&["--workers", "3"]);
+    d.wait_ready();
+    for w in 0..3 {
+        let series = format!("drover_worker_restarts_total{{worker=\"{w}\"}}");
+        assert_eq!(d.metric(&series), Some(0.0), "{series}\n{}", scrape(&d));
+    }
+    assert_eq!(d.metric("drover_rolls_total{result=\"halted\"}"), Some(0.0));
+    assert_eq!(
+        d.metric("drover_rolls_total{result=\"success\"}"),
+        Some(0.0)
+    );
+    d.signal(libc::SIGTTIN);
+    assert!(
+        eventually(Duration::from_secs(5), || d
+            .metric("drover_worker_restarts_total{worker=\"3\"}")
+            == Some(0.0)),
+        "{}",
+        scrape(&d)
+    );
+}
