@@ -936,7 +936,12 @@ fn stop_fd_written_by_a_gunicorn_app_stops_the_whole_tree() {
     let _ = identities(&d, 2);
     let tree = descendants(d.pid);
     assert_eq!(tree.len(), 4, "two masters with one worker each: {tree:?}");
-    assert_eq!(status(d.admin, "/readyz"), 200);
+    // Up once drover has seen each worker accept (a look every 20 ms).
+    assert!(
+        eventually(Duration::from_secs(5), || status(d.admin, "/readyz") == 200),
+        "{}",
+        d.log_text()
+    );
 
     let r = request(d.app(), "GET", "/stop").expect("GET /stop");
     assert_eq!(r.status, 200, "{r:?}");
