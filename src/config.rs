@@ -67,6 +67,12 @@ pub struct RunArgs {
     #[arg(long, env = "DROVER_BACKLOG", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub backlog: u32,
+    /// How new connections spread over the worker processes: `shared` (one
+    /// socket that every worker accepts on) or `reuseport` (one socket per
+    /// worker in a SO_REUSEPORT group that drover holds and steers each new
+    /// connection through, round-robin over the workers that are up).
+    #[arg(long, env = "DROVER_BALANCE", value_enum, default_value_t = crate::listener::Balance::Shared)]
+    pub balance: crate::listener::Balance,
     /// Listen on this Unix socket instead of TCP; the file is removed on exit.
     #[arg(long, env = "DROVER_UDS")]
     pub uds: Option<PathBuf>,

@@ -36,6 +36,8 @@ const ROLE_ENV: &str = "DROVER_INTERNAL_ROLE";
 const ROLE_WORKER: &str = "worker";
 /// The worker's in-flight lane in the metrics region.
 const LANE_ENV: &str = "DROVER_INTERNAL_LANE";
+/// Set when the worker's socket is its own (`--balance reuseport`).
+const OWN_SOCKET_ENV: &str = "DROVER_INTERNAL_OWN_SOCKET";
 const ID_ENV: &str = "DROVER_WORKER_ID";
 const WORKERS_ENV: &str = "DROVER_WORKERS";
 const CONTEXT_ENV: &str = "DROVER_WORKER_CONTEXT";
@@ -52,6 +54,7 @@ pub fn is_reserved(name: &[u8]) -> bool {
         || [
             ROLE_ENV,
             LANE_ENV,
+            OWN_SOCKET_ENV,
             ID_ENV,
             WORKERS_ENV,
             CONTEXT_ENV,
@@ -82,6 +85,9 @@ pub struct OwnWorker {
     pub log_format: String,
     /// The tracing filter.
     pub log_level: String,
+    /// No other worker accepts on its socket (`--balance reuseport`): it
+    /// has no peer to defer to.
+    pub own_socket: bool,
 }
 
 /// A worker's identity and settings, as passed in its environment.
@@ -142,6 +148,9 @@ impl WorkerEnv {
             if let Some(lane) = own.lane {
                 set(LANE_ENV, lane.to_string().as_bytes());
             }
+            if own.own_socket {
+                set(OWN_SOCKET_ENV, b"1");
+            }
         }
         env
     }
@@ -162,6 +171,7 @@ impl WorkerEnv {
             lane: var(LANE_ENV).and_then(|l| l.parse().ok()),
             log_format: var(LOG_FORMAT_ENV).unwrap_or_else(|| "text".into()),
             log_level: var(LOG_LEVEL_ENV).unwrap_or_else(|| "info".into()),
+            own_socket: var(OWN_SOCKET_ENV).as_deref() == Some("1"),
         });
         Ok(WorkerEnv {
             id: num(ID_ENV)?,
@@ -358,6 +368,7 @@ mod tests {
                 lane: Some(2),
                 log_format: "json".into(),
                 log_level: "drover=debug".into(),
+                own_socket: true,
             }),
             notify_socket: None,
             ..external

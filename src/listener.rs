@@ -97,13 +97,16 @@ impl Listener {
     /// Binds what the plan says.
     pub fn bind(plan: &crate::plan::ListenPlan) -> Result<Listener> {
         match &plan.at {
-            crate::plan::ListenAt::Tcp(addr) => Listener::bind_tcp(*addr, plan.backlog),
+            crate::plan::ListenAt::Tcp(addr) => {
+                Listener::bind_tcp(*addr, plan.backlog, plan.balance == Balance::Reuseport)
+            }
             crate::plan::ListenAt::Unix(path) => Listener::bind_unix(path, plan.backlog),
         }
     }
 
-    /// Binds TCP `addr` with `backlog`.
-    pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<Listener> {
+    /// Binds TCP `addr` with `backlog`; with `reuseport`, as the first socket
+    /// of a `SO_REUSEPORT` group that [`Listener::join`] adds to.
+    pub fn bind_tcp(addr: SocketAddr, backlog: u32, reuseport: bool) -> Result<Listener> {
         let fail = |e: io::Error| Error::Listen {
             addr: addr.to_string(),
             reason: match e.kind() {
@@ -129,6 +132,9 @@ impl Listener {
         if addr.is_ipv6() && addr.ip().is_unspecified() {
             // `::` serves IPv4 too, whatever net.ipv6.bindv6only says.
             socket.set_only_v6(false).map_err(fail)?;
+        }
+        if reuseport {
+            socket.set_reuse_port(true).map_err(fail)?;
         }
         socket.bind(&addr.into()).map_err(fail)?;
         let (socket, effective) = listen(socket, backlog).map_err(fail)?;
@@ -181,6 +187,31 @@ impl Listener {
         })
     }
 
+    /// Another socket of this one's `SO_REUSEPORT` group (same address,
+    /// options and backlog): the next index of the group. Only for a TCP
+    /// listener bound with `reuseport`.
+    pub fn join(&self) -> io::Result<Listener> {
+        let ListenAddr::Tcp(addr) = self.addr else {
+            return Err(io::Error::other("a Unix socket has no SO_REUSEPORT group"));
+        };
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_tcp_nodelay(true)?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(self.effective_backlog.min(i32::MAX as u32) as i32)?;
+        let fd = crate::sys::high_fd(OwnedFd::from(socket))?;
+        Ok(Listener {
+            socket: Socket::from(fd),
+            addr: self.addr.clone(),
+            effective_backlog: self.effective_backlog,
+            _uds: None,
+        })
+    }
+
     /// Stops new connections from completing, keeping the queued ones
     /// (see the module doc). Affects every process holding the socket.
     pub fn stop_new(&self) -> io::Result<()> {
@@ -223,6 +254,65 @@ impl Listener {
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
+    }
+}
+
+/// How new connections are spread over the workers (`--balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Balance {
+    /// One socket shared by every worker: whoever accepts first takes the
+    /// connection (drover's own workers defer to less busy peers).
+    #[default]
+    Shared,
+    /// One socket per worker in a `SO_REUSEPORT` group held by the
+    /// supervisor, which steers each new connection to the next worker that
+    /// is up.
+    Reuseport,
+}
+
+/// Sends every new connection of `fd`'s `SO_REUSEPORT` group to one of the
+/// sockets at `indexes` (positions in the order the group's sockets were
+/// bound in), picked at random for each connection: a classic BPF program
+/// (`SO_ATTACH_REUSEPORT_CBPF`) the kernel runs on each SYN. It applies to
+/// the whole group.
+pub(crate) fn steer(fd: impl AsFd, indexes: &[usize]) -> io::Result<()> {
+    let mut prog = steering_program(indexes);
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // The kernel copies the program out of `prog` during the call.
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::AttachReusePortCbpf, &fprog)
+        .map_err(io::Error::from)
+}
+
+/// `ret #i` for one index; for several, a random number modulo their count
+/// and a jump table.
+fn steering_program(indexes: &[usize]) -> Vec<libc::sock_filter> {
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_ALU_MOD_K: u16 = 0x94;
+    const BPF_JEQ_K: u16 = 0x15;
+    const BPF_RET_K: u16 = 0x06;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let ret = |i: usize| op(BPF_RET_K, 0, 0, i as u32);
+    match indexes {
+        [] => vec![op(BPF_RET_K, 0, 0, u32::MAX)],
+        [only] => vec![ret(*only)],
+        _ => {
+            let random = (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32;
+            let mut p = vec![
+                op(BPF_LD_W_ABS, 0, 0, random),
+                op(BPF_ALU_MOD_K, 0, 0, indexes.len() as u32),
+            ];
+            let (last, rest) = indexes.split_last().expect("two or more");
+            for (k, &i) in rest.iter().enumerate() {
+                // Equal: the `ret` right after; else skip it.
+                p.push(op(BPF_JEQ_K, 0, 1, k as u32));
+                p.push(ret(i));
+            }
+            p.push(ret(*last));
+            p
+        }
     }
 }
 
@@ -435,5 +525,55 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Unix(s) => s.is_write_vectored(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The steering program, run by the kernel: a group of three sockets on
+    /// loopback, connections sent to one, then spread over two of them.
+    #[test]
+    fn steering_sends_new_connections_to_the_chosen_sockets_of_the_group() {
+        let first = Listener::bind_tcp("127.0.0.1:0".parse().unwrap(), 128, true).unwrap();
+        let group = [first.join().unwrap(), first.join().unwrap()];
+        let socks = [&first, &group[0], &group[1]];
+        let ListenAddr::Tcp(addr) = first.addr else {
+            unreachable!()
+        };
+        let queues = || {
+            socks
+                .iter()
+                .map(|s| s.queued().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut keep = Vec::new();
+        steer(&first, &[1]).unwrap();
+        for _ in 0..3 {
+            keep.push(std::net::TcpStream::connect(addr).unwrap());
+        }
+        assert_eq!(queues(), [0, 3, 0]);
+        steer(&group[1], &[0, 2]).unwrap();
+        for _ in 0..40 {
+            keep.push(std::net::TcpStream::connect(addr).unwrap());
+        }
+        let q = queues();
+        assert_eq!(q[1], 3, "{q:?}");
+        assert_eq!(q[0] + q[2], 40, "{q:?}");
+        assert!(q[0] > 5 && q[2] > 5, "spread at random: {q:?}");
+    }
+
+    #[test]
+    fn the_steering_program_is_a_jump_table_over_a_random_number() {
+        assert_eq!(steering_program(&[4]).len(), 1);
+        assert_eq!(steering_program(&[4])[0].k, 4);
+        let p = steering_program(&[1, 3, 7]);
+        assert_eq!(p.len(), 2 + 2 * 2 + 1);
+        assert_eq!(p[1].k, 3, "modulo the count");
+        let rets: Vec<u32> = p.iter().filter(|i| i.code == 0x06).map(|i| i.k).collect();
+        assert_eq!(rets, [1, 3, 7]);
+        // 1024 workers fit the kernel's 4096-instruction limit.
+        assert!(steering_program(&(0..1024).collect::<Vec<_>>()).len() <= 4096);
     }
 }

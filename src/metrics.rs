@@ -351,7 +351,9 @@ pub struct PodCollector {
     http: Option<Arc<SharedWords>>,
     /// A duplicate of the listening socket for `TCP_INFO`; dropped when
     /// accepting stops, so that it never keeps the socket open.
-    listener: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// Duplicates of the workers' sockets (one, or one per slot with
+    /// `--balance reuseport`).
+    listener: Mutex<Vec<std::os::fd::OwnedFd>>,
     procs: Mutex<Procs>,
     descs: Vec<Desc>,
 }
@@ -392,7 +394,7 @@ impl PodCollector {
             .collect();
         PodCollector {
             http,
-            listener: Mutex::new(None),
+            listener: Mutex::new(Vec::new()),
             procs: Mutex::new(Procs::default()),
             descs,
         }
@@ -400,12 +402,12 @@ impl PodCollector {
 
     /// Watches the accept queue of `fd` (a duplicate the collector owns).
     pub fn watch_listener(&self, fd: std::os::fd::OwnedFd) {
-        *self.listener.lock().expect("not poisoned") = Some(fd);
+        self.listener.lock().expect("not poisoned").push(fd);
     }
 
     /// Stops watching the listener (accepting stops: the duplicate must go).
     pub fn forget_listener(&self) {
-        *self.listener.lock().expect("not poisoned") = None;
+        self.listener.lock().expect("not poisoned").clear();
     }
 
     /// The live worker processes now, as (slot, pid): the process table's
@@ -444,9 +446,17 @@ impl PodCollector {
         if let Some(http) = &self.http {
             out.extend(http_families(http.words(), slots.max(1)));
         }
-        if let Some(fd) = self.listener.lock().expect("not poisoned").as_ref() {
+        {
             use std::os::fd::AsRawFd;
-            if let Some((queued, limit)) = crate::sys::listen_queue(fd.as_raw_fd()) {
+            // Summed over the sockets; the limit is per socket (each has the
+            // backlog), the smallest one if an app changed one.
+            let mut seen: Option<(u32, u32)> = None;
+            for fd in self.listener.lock().expect("not poisoned").iter() {
+                if let Some((q, l)) = crate::sys::listen_queue(fd.as_raw_fd()) {
+                    seen = Some(seen.map_or((q, l), |(sq, sl)| (sq + q, sl.min(l))));
+                }
+            }
+            if let Some((queued, limit)) = seen {
                 out.push(gauge_family(FAMILIES[3], vec![(vec![], f64::from(queued))]));
                 out.push(gauge_family(FAMILIES[7], vec![(vec![], f64::from(limit))]));
             }

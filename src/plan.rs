@@ -65,6 +65,8 @@ pub struct ListenPlan {
     pub at: ListenAt,
     /// `--backlog`.
     pub backlog: u32,
+    /// `--balance`.
+    pub balance: crate::listener::Balance,
 }
 
 /// The admin server.
@@ -247,7 +249,13 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
             None => ListenAt::Tcp(crate::listener::resolve(&args.host, args.port, "")?),
         },
         backlog: args.backlog,
+        balance: args.balance,
     };
+    if args.balance == crate::listener::Balance::Reuseport && args.uds.is_some() {
+        return Err(Error::Config(
+            "--balance reuseport needs a TCP listener: Unix sockets have no SO_REUSEPORT groups (drop --uds or use --balance shared)".into(),
+        ));
+    }
     let admin = AdminPlan {
         addr: crate::listener::resolve(&args.admin_host, args.admin_port, " (admin)")?,
     };
@@ -260,7 +268,7 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
         level: args.log_level.clone(),
     };
     let per_worker = matches!(loaded, contexts::Contexts::PerWorker(_));
-    Ok(Plan {
+    let mut plan = Plan {
         per_worker,
         listen,
         admin,
@@ -274,7 +282,12 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
         contexts_version: version,
         app,
         token,
-    })
+    };
+    if plan.in_process() {
+        // One process serves: nothing to spread, and no group to join.
+        plan.listen.balance = crate::listener::Balance::Shared;
+    }
+    Ok(plan)
 }
 
 /// Finds `program` the way a shell would, so that "not found" and "not
@@ -350,6 +363,12 @@ pub fn describe(plan: &Plan) -> String {
         _ => {
             let _ = writeln!(s, "backlog: {}", a.backlog);
         }
+    }
+    if a.balance == crate::listener::Balance::Reuseport && !plan.in_process() {
+        let _ = writeln!(
+            s,
+            "balance: reuseport (one socket per worker, steered round-robin)"
+        );
     }
     let mode = match &plan.app {
         AppKind::Builtin if plan.in_process() => "built-in app, in-process".to_string(),

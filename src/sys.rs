@@ -26,7 +26,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// The lowest descriptor number [`high_fd`] hands out. Descriptors a worker
@@ -577,4 +577,117 @@ mod tests {
         unsafe { write_decimal(buf.as_mut_ptr(), 0) };
         assert_eq!(&buf[..2], b"0\0");
     }
+}
+
+/// The signal the kernel queues to the steering thread, with the socket's
+/// descriptor, each time a connection lands on a steered socket
+/// (`--balance reuseport`): a realtime signal, so that none is merged.
+pub fn landing_signal() -> libc::c_int {
+    libc::SIGRTMAX() - 1
+}
+
+/// Blocks the landing signal and SIGIO (what the kernel sends instead when
+/// the realtime queue is full) in the calling thread and returns a signalfd
+/// that reads them.
+pub fn landing_signals() -> io::Result<OwnedFd> {
+    // SAFETY: the set lives on this stack across the calls that take it;
+    // signalfd returns a new descriptor that is owned at once.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, landing_signal());
+        libc::sigaddset(&mut set, libc::SIGIO);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// A landing read from [`landing_signals`]'s descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// A connection landed on the socket with this descriptor.
+    On(RawFd),
+    /// Landings were lost (the realtime queue was full).
+    Lost,
+}
+
+/// Reads every landing queued on `sfd` into `out`.
+pub fn read_landings(sfd: BorrowedFd<'_>, out: &mut Vec<Landing>) -> io::Result<()> {
+    let mut buf: [libc::signalfd_siginfo; 32] = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: reads whole siginfo records into a local array of that size.
+        let n = unsafe {
+            libc::read(
+                sfd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                std::mem::size_of_val(&buf),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(()),
+                Some(libc::EINTR) => continue,
+                _ => Err(e),
+            };
+        }
+        let records = n as usize / std::mem::size_of::<libc::signalfd_siginfo>();
+        for info in &buf[..records] {
+            out.push(if info.ssi_signo as libc::c_int == landing_signal() {
+                Landing::On(info.ssi_fd)
+            } else {
+                Landing::Lost
+            });
+        }
+        if records < buf.len() {
+            return Ok(());
+        }
+    }
+}
+
+/// Asks the kernel to queue [`landing_signal`] to the calling thread each
+/// time `fd` (a listening socket) has a new connection (`O_ASYNC` with
+/// `F_SETOWN_EX` to this thread and `F_SETSIG`). The settings belong to the
+/// socket's open file, which the workers share; none of them acts on the
+/// workers (the signal goes to this thread only), and setting `O_NONBLOCK`
+/// the usual ways (FIONBIO, or F_SETFL with the flags read back) keeps
+/// `O_ASYNC`.
+pub fn signal_on_input(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // Linux's <asm-generic/fcntl.h> values (the libc crate lacks them).
+    const F_SETSIG: libc::c_int = 10;
+    const F_SETOWN_EX: libc::c_int = 15;
+    const F_OWNER_TID: libc::c_int = 0;
+    #[repr(C)]
+    struct FOwnerEx {
+        kind: libc::c_int,
+        pid: libc::pid_t,
+    }
+    let owner = FOwnerEx {
+        kind: F_OWNER_TID,
+        pid: nix::unistd::gettid().as_raw(),
+    };
+    let fd = fd.as_raw_fd();
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: fcntl on a descriptor we hold, with a struct that lives
+    // across the call.
+    unsafe {
+        check(libc::fcntl(fd, F_SETOWN_EX, &owner as *const FOwnerEx))?;
+        check(libc::fcntl(fd, F_SETSIG, landing_signal()))?;
+        let flags = check(libc::fcntl(fd, libc::F_GETFL))?;
+        check(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC))?;
+    }
+    Ok(())
 }

@@ -27,6 +27,7 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
         lane: None,
         log_format: "text".into(),
         log_level: "info".into(),
+        own_socket: false,
     });
     let format = match own.log_format.as_str() {
         "json" => crate::config::LogFormat::Json,
@@ -68,7 +69,9 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
         .map_err(|e| tracing::warn!(worker = id, error = %e, "no shared metrics region"))
         .ok()
         .and_then(|region| crate::metrics::HttpRecorder::new(region, id, own.lane));
-    match rt.block_on(run(id, env.workers, listen_fd, ctl_fd, svc, recorder)) {
+    // Peers to defer to (serve::Balance): none on a socket of its own.
+    let peers = if own.own_socket { 1 } else { env.workers };
+    match rt.block_on(run(id, peers, listen_fd, ctl_fd, svc, recorder)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(worker = id, "{e}");

@@ -304,6 +304,28 @@ fn wait_metric(d: &Drover, series: &str, value: f64, limit: Duration) {
 
 /// The listening TCP socket on `port` in /proc/net/tcp{,6}: (accept queue
 /// length, inode).
+/// The inodes of every socket listening on `port`.
+fn listen_inodes(port: u16) -> Vec<u64> {
+    let mut all = Vec::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let c: Vec<&str> = line.split_whitespace().collect();
+            if c.len() < 10 || c[3] != "0A" {
+                continue;
+            }
+            let local = c[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local == Some(port) {
+                all.extend(c[9].parse::<u64>().ok());
+            }
+        }
+    }
+    all
+}
+
 fn listen_socket(port: u16) -> Option<(u64, u64)> {
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(f) else {
@@ -646,7 +668,9 @@ fn fds_of(pid: u32) -> BTreeMap<u32, String> {
 fn assert_exact_worker_fds(d: &Drover) {
     let pids = worker_pids(d, 2);
     wait_log_count(d, "\"worker started\"", 2, Duration::from_secs(5));
-    let (_, inode) = listen_socket(d.app().port()).expect("the app's listening socket");
+    // One listening socket, or one per worker with --balance reuseport.
+    let inodes = listen_inodes(d.app().port());
+    assert!(!inodes.is_empty(), "no listening socket on the app's port");
     for pid in pids {
         let fds = fds_of(pid);
         assert_eq!(
@@ -654,7 +678,11 @@ fn assert_exact_worker_fds(d: &Drover) {
             vec![0, 1, 2, 3, 4],
             "descriptors of worker {pid}: {fds:?}"
         );
-        assert_eq!(fds[&3], format!("socket:[{inode}]"), "fd 3 of {pid}");
+        assert!(
+            inodes.iter().any(|i| fds[&3] == format!("socket:[{i}]")),
+            "fd 3 of {pid} is {}, not a listening socket of the app's port {inodes:?}",
+            fds[&3]
+        );
         assert!(
             fds[&4].starts_with("socket:") && fds[&4] != fds[&3],
             "fd 4 of {pid}: {fds:?}"

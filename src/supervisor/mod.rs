@@ -127,12 +127,17 @@ async fn supervise(
         region,
         (plan.log.format.as_str().to_string(), plan.log.level.clone()),
     );
+    let reuseport = plan.listen.balance == crate::listener::Balance::Reuseport;
+    let mut spawner = spawner;
+    spawner.own_sockets = reuseport;
+    let sockets = pool::sockets::Sockets::new(listener, reuseport)
+        .map_err(|e| Error::io("cannot start steering the workers' sockets", e))?;
     let mut pool = pool::Pool::new(
         plan.pool_settings(),
         &plan.contexts,
         plan.contexts_per_worker(),
         spawner,
-        listener,
+        sockets,
         flag,
         metrics,
         workers_up,

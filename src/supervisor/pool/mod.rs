@@ -13,6 +13,7 @@
 
 mod accepting;
 pub mod policy;
+pub mod sockets;
 pub mod spawn;
 pub mod table;
 
@@ -34,9 +35,9 @@ use crate::config::Restart;
 use crate::contexts::watch::ContextsWatch;
 use crate::control::{SupervisorEnd, ToSupervisor, ToWorker};
 use crate::error::{Error, Result};
-use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::stop::{StopFlag, StopSource};
+use sockets::Sockets;
 
 /// Settings of the pool, from the plan.
 pub struct PoolSettings {
@@ -85,9 +86,9 @@ const SWEEP_LIMIT: Duration = Duration::from_secs(5);
 pub struct Pool {
     lc: Lifecycle<ProcOs>,
     spawner: Spawner,
-    /// The supervisor's copy of the socket: kept to start replacements,
-    /// closed when accepting stops.
-    listener: Option<Listener>,
+    /// The supervisor's copy of the workers' socket(s): kept to start
+    /// replacements, closed when accepting stops.
+    sockets: Option<Sockets>,
     settings: PoolSettings,
     flag: StopFlag,
     metrics: Metrics,
@@ -101,8 +102,13 @@ pub struct Pool {
     pending_version: Option<(&'static str, String)>,
     /// The notify socket's private directory, removed with the pool.
     notify_dir: Option<crate::notify::NotifyDir>,
-    /// The listener's inode, when workers count as up once seen accepting.
-    detect: Option<u64>,
+    /// Whether workers count as up once seen accepting.
+    detect: bool,
+    /// The slots new connections are steered over (`--balance reuseport`).
+    steered: Vec<usize>,
+    /// Processes told to leave once their slot's socket is empty
+    /// (`--balance reuseport`): pid, when steering left it.
+    leave_when_empty: Vec<(i32, Instant)>,
     /// A worker's own backlog was overridden once (it is said only once).
     backlog_reapplied: bool,
 }
@@ -115,7 +121,7 @@ impl Pool {
         contexts: &[serde_json::Value],
         per_worker: bool,
         spawner: Spawner,
-        listener: Listener,
+        sockets: Sockets,
         flag: StopFlag,
         metrics: Metrics,
         workers_up: Arc<AtomicBool>,
@@ -131,7 +137,7 @@ impl Pool {
         Pool {
             lc,
             spawner,
-            listener: Some(listener),
+            sockets: Some(sockets),
             settings,
             flag,
             metrics,
@@ -141,7 +147,9 @@ impl Pool {
             messages,
             pending_version: None,
             notify_dir: None,
-            detect: None,
+            detect: false,
+            steered: Vec::new(),
+            leave_when_empty: Vec::new(),
             backlog_reapplied: false,
         }
     }
@@ -190,12 +198,12 @@ impl Pool {
     /// Counts external workers as up once they are seen accepting on the
     /// shared socket (`--worker-ready auto`).
     pub fn detect_accepting(&mut self) {
-        self.detect = self.listener.as_ref().and_then(accepting::inode);
+        self.detect = true;
     }
 
     /// Whether a worker is starting whose accepting is to be looked for.
     fn looking(&self) -> bool {
-        self.detect.is_some()
+        self.detect
             && self
                 .lc
                 .table
@@ -206,7 +214,9 @@ impl Pool {
 
     /// Looks whether starting workers accept yet.
     fn look(&mut self) {
-        let Some(ino) = self.detect else { return };
+        if !self.detect {
+            return;
+        }
         let starting: Vec<(i32, usize)> = self
             .lc
             .table
@@ -216,6 +226,9 @@ impl Pool {
             .filter_map(|(&pid, p)| p.slot.map(|s| (pid, s)))
             .collect();
         for (pid, slot) in starting {
+            let Some(ino) = self.sockets.as_ref().and_then(|s| s.inode(slot)) else {
+                continue;
+            };
             if accepting::accepting(pid, ino) {
                 tracing::info!(worker = slot, pid, "worker is accepting: up");
                 self.lc.ready(pid);
@@ -311,6 +324,7 @@ impl Pool {
                 }
                 _ = sleep_until_opt(next) => {}
                 _ = tokio::time::sleep(LOOK_EVERY), if self.looking() => self.look(),
+                _ = tokio::time::sleep(Duration::from_millis(5)), if !self.leave_when_empty.is_empty() => self.leave_emptied(),
                 // An app may re-listen at any time: look now and then.
                 _ = tokio::time::sleep(BACKLOG_EVERY) => {}
             }
@@ -396,7 +410,7 @@ impl Pool {
     fn on_notified_ready(&mut self, pid: i32) {
         let mut p = pid;
         for _ in 0..16 {
-            let detect = self.detect.is_some();
+            let detect = self.detect;
             if let Some(proc) = self.lc.table.procs.get_mut(&p) {
                 if let Some(slot) = proc.slot {
                     if proc.phase == table::Phase::Starting {
@@ -495,28 +509,32 @@ impl Pool {
     /// asgi worker 100), which acts on the one socket of every worker. drover
     /// holds the socket too and applies its backlog again, saying so once.
     fn hold_backlog(&mut self) {
-        let Some(l) = &self.listener else { return };
-        let Some(now) = l.kernel_backlog() else {
-            return;
-        };
-        let want = l.effective_backlog;
-        if now == want {
-            return;
-        }
-        match l.relisten(want) {
-            Ok(()) => {
-                if !self.backlog_reapplied {
-                    self.backlog_reapplied = true;
-                    tracing::warn!(
-                        app_backlog = now,
-                        backlog = want,
-                        "a worker called listen() again with backlog {now}; drover re-applied --backlog {want} (it holds for every worker)"
-                    );
+        let Some(sockets) = &self.sockets else { return };
+        let mut effective = None;
+        for l in sockets.all() {
+            let Some(now) = l.kernel_backlog() else {
+                return;
+            };
+            let want = l.effective_backlog;
+            if now != want {
+                match l.relisten(want) {
+                    Ok(()) => {
+                        if !self.backlog_reapplied {
+                            self.backlog_reapplied = true;
+                            tracing::warn!(
+                                app_backlog = now,
+                                backlog = want,
+                                "a worker called listen() again with backlog {now}; drover re-applied --backlog {want} (it holds for every worker)"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot re-apply --backlog"),
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot re-apply --backlog"),
+            let b = l.kernel_backlog().unwrap_or(now);
+            effective = Some(effective.map_or(b, |e: u32| e.min(b)));
         }
-        if let Some(b) = l.kernel_backlog() {
+        if let Some(b) = effective {
             self.metrics.listen_backlog.set(i64::from(b));
         }
     }
@@ -536,19 +554,23 @@ impl Pool {
         workers: usize,
         for_roll: bool,
     ) -> std::io::Result<()> {
-        let Some(listener) = &self.listener else {
+        let Some(sockets) = &mut self.sockets else {
             return Ok(());
         };
+        let (fd, new) = sockets.for_slot(slot)?;
+        if let Some(dup) = new {
+            self.metrics.pod.watch_listener(dup);
+        }
         let lane = self.lc.free_lane(slot);
         let tx = self.messages_tx.clone();
         let pid_cell = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let cell = pid_cell.clone();
-        let started =
-            self.spawner
-                .spawn(listener.raw_fd(), slot, workers, &context, lane, move |m| {
-                    tx.send(Message::Control(cell.load(Ordering::Acquire), m))
-                        .is_ok()
-                })?;
+        let started = self
+            .spawner
+            .spawn(fd, slot, workers, &context, lane, move |m| {
+                tx.send(Message::Control(cell.load(Ordering::Acquire), m))
+                    .is_ok()
+            })?;
         pid_cell.store(started.pid, Ordering::Release);
         let ready = !self.spawner.own() && self.settings.ready_when_running;
         self.lc.spawned(
@@ -581,6 +603,27 @@ impl Pool {
     /// Tells `pid` to leave: drover's own workers stop accepting and finish;
     /// anything else gets `--stop-signal`.
     fn leave(&mut self, pid: i32) {
+        // With a socket per slot, a slot whose last process leaves must
+        // first take what is queued on its socket: no other worker can.
+        // Steering leaves it at the next publish; the process is told once
+        // the socket is empty.
+        if let (Some(sockets), Some(slot)) = (
+            &self.sockets,
+            self.lc.table.procs.get(&pid).and_then(|p| p.slot),
+        ) {
+            let others = self.lc.table.of_slot(slot).any(|(q, p)| {
+                q != pid && matches!(p.phase, table::Phase::Starting | table::Phase::Ready)
+            });
+            if sockets.per_slot() && !others {
+                self.leave_when_empty.push((pid, Instant::now()));
+                return;
+            }
+        }
+        self.tell_to_leave(pid);
+    }
+
+    /// Tells, now, `pid` to leave (see [`Pool::leave`]).
+    fn tell_to_leave(&mut self, pid: i32) {
         let stop_signal = self.settings.stop_signal;
         let own = self.spawner.own();
         let Some(p) = self.lc.table.procs.get_mut(&pid) else {
@@ -595,6 +638,25 @@ impl Pool {
                 // (uvicorn does).
                 p.handle.stop_unhandled = !procs::catches(pid, stop_signal);
                 procs::signal(pid, stop_signal);
+            }
+        }
+    }
+
+    /// Tells the processes waiting for their socket to empty to leave, once
+    /// it is (or has not emptied for [`QUEUE_STALL`]). The first 20 ms cover
+    /// handshakes that were steered to it before steering left it.
+    fn leave_emptied(&mut self) {
+        let waiting = std::mem::take(&mut self.leave_when_empty);
+        for (pid, since) in waiting {
+            let Some(slot) = self.lc.table.procs.get(&pid).and_then(|p| p.slot) else {
+                continue;
+            };
+            let queued = self.sockets.as_ref().map_or(0, |s| s.queued_for(slot));
+            let waited = since.elapsed();
+            if (queued == 0 && waited >= Duration::from_millis(20)) || waited >= QUEUE_STALL {
+                self.tell_to_leave(pid);
+            } else {
+                self.leave_when_empty.push((pid, since));
             }
         }
     }
@@ -720,7 +782,18 @@ impl Pool {
     }
 
     /// Publishes what the table says: readiness, counts, the metrics' view.
-    fn publish(&self) {
+    fn publish(&mut self) {
+        if let Some(sockets) = self.sockets.as_ref().filter(|s| s.per_slot()) {
+            let t = &self.lc.table;
+            let up: Vec<usize> = t
+                .active_slots()
+                .filter(|&s| !t.slots[s].retiring && t.serves(s))
+                .collect();
+            if up != self.steered {
+                sockets.steer_over(&up);
+                self.steered = up;
+            }
+        }
         let t = &self.lc.table;
         self.workers_up
             .store(t.all_up() && !self.lc.draining(), Ordering::Release);
@@ -756,9 +829,11 @@ impl Serving for Pool {
 
     async fn stop_accepting(&mut self, deadline: Instant) {
         self.metrics.pod.forget_listener();
-        if let Some(l) = self.listener.take() {
+        // Whoever was to leave once its socket emptied leaves with the rest.
+        self.leave_when_empty.clear();
+        if let Some(l) = self.sockets.take() {
             if let Err(e) = l.stop_new() {
-                tracing::warn!(error = %e, "cannot shut new connections out of the shared socket");
+                tracing::warn!(error = %e, "cannot shut new connections out of the workers' socket");
             }
             if !self.spawner.own() {
                 // An external worker told to stop exits without emptying the
@@ -802,7 +877,7 @@ impl Pool {
     /// queue that has not shrunk for a while (no worker accepts: a server
     /// started without its socket flag, a hung one) must not use up
     /// `--graceful-timeout` that work in flight needs.
-    async fn wait_queue_empty(&mut self, l: &Listener, deadline: Instant) {
+    async fn wait_queue_empty(&mut self, l: &Sockets, deadline: Instant) {
         let Some(first) = l.queued() else { return };
         if first == 0 {
             return;

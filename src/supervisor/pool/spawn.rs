@@ -26,6 +26,8 @@ pub struct Spawner {
     pub notify_socket: Option<String>,
     /// `--log-format` and `--log-level`, for drover's own workers.
     log: (String, String),
+    /// Each worker has a socket of its own (`--balance reuseport`).
+    pub own_sockets: bool,
 }
 
 /// A started worker: its pid and the supervisor's end of its control socket.
@@ -49,6 +51,7 @@ impl Spawner {
             region,
             notify_socket: None,
             log,
+            own_sockets: false,
         }
     }
 
@@ -78,6 +81,7 @@ impl Spawner {
                 lane,
                 log_format: self.log.0.clone(),
                 log_level: self.log.1.clone(),
+                own_socket: self.own_sockets,
             }),
             notify_socket: self.notify_socket.clone(),
         };
