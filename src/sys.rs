@@ -640,6 +640,11 @@ pub fn read_landings(sfd: BorrowedFd<'_>, out: &mut Vec<Landing>) -> io::Result<
         }
         let records = n as usize / std::mem::size_of::<libc::signalfd_siginfo>();
         for info in &buf[..records] {
+            // The kernel's SIGIO codes (POLL_IN, ...) are positive; a signal
+            // someone sent (SI_USER, SI_QUEUE) is not a landing.
+            if info.ssi_code <= 0 {
+                continue;
+            }
             out.push(if info.ssi_signo as libc::c_int == landing_signal() {
                 Landing::On(info.ssi_fd)
             } else {

@@ -222,10 +222,11 @@ impl Drop for Steer {
 /// (it queues a signal per landing), and a slot leaves the set once a
 /// connection landed on its socket; when every slot has been served the
 /// next round starts with all of them. Connections opened one after the
-/// other so go to every worker once per round; a burst that comes faster
-/// than the thread can re-steer spreads at random over the slots left in
-/// the round, as the kernel's own hashing would, and leaves no debt that
-/// would pile the next burst on one worker. A slot whose socket holds a
+/// other so go to every worker once per round. A burst that comes faster
+/// than the thread can re-steer lands on the slots left in the round until
+/// the thread sees it (several landings at one wake-up), and then on every
+/// up slot at random, as the kernel's own hashing would; it leaves no debt
+/// that would pile the next burst on one worker. A slot whose socket holds a
 /// connection not accepted yet (busy, hung) is passed by, unless all are.
 #[derive(Debug, Default)]
 pub(crate) struct Turns {
@@ -260,6 +261,18 @@ impl Turns {
             for &s in &self.up {
                 self.taken[s] -= least;
             }
+        }
+    }
+
+    /// A burst is under way (connections land faster than the thread
+    /// re-steers): every up slot (the `idle` ones if any), and a new round.
+    pub fn burst(&mut self, idle: impl Fn(usize) -> bool) -> Vec<usize> {
+        self.set_up(&self.up.clone());
+        let ready: Vec<usize> = self.up.iter().copied().filter(|&s| idle(s)).collect();
+        if ready.is_empty() {
+            self.up.clone()
+        } else {
+            ready
         }
     }
 
@@ -323,6 +336,7 @@ fn steer_loop(ep: Epoll, shared: Arc<Mutex<Shared>>, wake: Arc<EventFd>) {
             }
         };
         let mut decide = false;
+        let mut landed_now = 0;
         for ev in &events[..n] {
             if ev.data() == WAKE {
                 let _ = wake.read();
@@ -359,6 +373,7 @@ fn steer_loop(ep: Epoll, shared: Arc<Mutex<Shared>>, wake: Arc<EventFd>) {
                     if let Some(slot) = slot {
                         tracing::trace!(slot, "landed");
                         turns.landed(slot);
+                        landed_now += 1;
                         decide = true;
                     }
                 }
@@ -369,7 +384,13 @@ fn steer_loop(ep: Epoll, shared: Arc<Mutex<Shared>>, wake: Arc<EventFd>) {
         }
         // A target's queue may hold the connection that just landed, not yet
         // accepted: only the others' queues tell a worker behind.
-        let next = turns.next(|s| turns.target.contains(&s) || queued(&socks, s) == 0);
+        let next = if landed_now > 1 {
+            // A burst faster than the thread: every up worker, at random,
+            // for the rest of it (rounds start again after it).
+            turns.burst(|s| queued(&socks, s) == 0)
+        } else {
+            turns.next(|s| turns.target.contains(&s) || queued(&socks, s) == 0)
+        };
         if next.is_empty() || next == turns.target {
             continue;
         }
@@ -427,6 +448,16 @@ mod tests {
         assert_eq!(t.next(|_| true), vec![2]);
         t.landed(2);
         // A new round: the burst is not held against slot 0.
+        assert_eq!(t.next(|_| true), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_burst_opens_every_up_slot_and_starts_a_round() {
+        let mut t = turns(&[0, 1, 2]);
+        t.landed(0);
+        t.landed(1);
+        assert_eq!(t.next(|_| true), vec![2]);
+        assert_eq!(t.burst(|s| s != 1), vec![0, 2]);
         assert_eq!(t.next(|_| true), vec![0, 1, 2]);
     }
 
