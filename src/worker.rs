@@ -27,6 +27,7 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
         lane: None,
         log_format: "text".into(),
         log_level: "info".into(),
+        heartbeat: None,
     });
     let format = match own.log_format.as_str() {
         "json" => crate::config::LogFormat::Json,
@@ -68,7 +69,16 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
         .map_err(|e| tracing::warn!(worker = id, error = %e, "no shared metrics region"))
         .ok()
         .and_then(|region| crate::metrics::HttpRecorder::new(region, id, own.lane));
-    match rt.block_on(run(id, env.workers, listen_fd, ctl_fd, svc, recorder)) {
+    let heartbeat = own.heartbeat;
+    match rt.block_on(run(
+        id,
+        env.workers,
+        listen_fd,
+        ctl_fd,
+        svc,
+        recorder,
+        heartbeat,
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(worker = id, "{e}");
@@ -84,9 +94,26 @@ async fn run(
     ctl_fd: OwnedFd,
     svc: DynService,
     recorder: Option<crate::metrics::HttpRecorder>,
+    heartbeat: Option<std::time::Duration>,
 ) -> std::io::Result<()> {
     let mut ctl = WorkerEnd::new(ctl_fd)?;
     let ready = ctl.sender()?;
+    if let Some(every) = heartbeat {
+        // A task of this event loop, the one the handlers run on: a handler
+        // that blocks the loop stops the heartbeat, and the supervisor's
+        // --worker-timeout kills this process.
+        let beat = ctl.sender()?;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !beat.send_nonblocking(ToSupervisor::Heartbeat) {
+                    return;
+                }
+            }
+        });
+    }
     crate::app::install_stopper(Stopper::Worker(ctl.sender()?));
     let listener = ServeListener::from_fd(listen_fd)?;
 

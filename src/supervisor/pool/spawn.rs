@@ -26,6 +26,10 @@ pub struct Spawner {
     pub notify_socket: Option<String>,
     /// `--log-format` and `--log-level`, for drover's own workers.
     log: (String, String),
+    /// How often drover's own workers send a heartbeat (`--worker-timeout`).
+    pub heartbeat: Option<std::time::Duration>,
+    /// `WATCHDOG_USEC` for external workers (with `NOTIFY_SOCKET`).
+    pub watchdog_usec: Option<u64>,
 }
 
 /// A started worker: its pid and the supervisor's end of its control socket.
@@ -49,6 +53,8 @@ impl Spawner {
             region,
             notify_socket: None,
             log,
+            heartbeat: None,
+            watchdog_usec: None,
         }
     }
 
@@ -78,8 +84,10 @@ impl Spawner {
                 lane,
                 log_format: self.log.0.clone(),
                 log_level: self.log.1.clone(),
+                heartbeat: self.heartbeat,
             }),
             notify_socket: self.notify_socket.clone(),
+            watchdog_usec: self.watchdog_usec,
         };
         let mut env = self.base_env.clone();
         env.extend(worker.encode());
