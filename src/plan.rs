@@ -264,6 +264,11 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
     };
     let per_worker = matches!(loaded, contexts::Contexts::PerWorker(_));
     let limits = limits(&args)?;
+    if matches!(app, AppKind::Command { .. }) && limits.max_requests.is_some() {
+        tracing::warn!(
+            "--max-requests counts the requests of drover's own workers only: an external command's workers are not recycled by it (use --max-worker-memory or --max-worker-lifetime)"
+        );
+    }
     if matches!(app, AppKind::Builtin) && contexts.len() == 1 && limits.any() {
         tracing::warn!(
             "--workers 1 with the built-in or a library app serves in-process: --worker-timeout and the --max-* recycling limits apply only to worker processes"
