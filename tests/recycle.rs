@@ -16,6 +16,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The tests that put load on the pod run one at a time: on a small shared
+/// machine two of them at once would measure each other.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn json_lines(d: &Drover) -> Vec<serde_json::Value> {
     d.log
         .lock()
@@ -210,11 +217,14 @@ fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     )
 }
 
+/// (arguments, environment, what the error must say).
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 /// Bad limits are configuration errors: one line naming the option and the
 /// value, exit 78, from a run and from `drover check`, flags and env alike.
 #[test]
 fn bad_limits_are_config_errors() {
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         (
             &["--max-worker-memory", "12xyz"],
             &[],
@@ -301,11 +311,9 @@ fn bad_limits_are_config_errors() {
 /// worker keeps answering; the kill is in the log and the metric.
 #[test]
 fn a_blocked_worker_is_killed_and_replaced() {
-    let d = start_with(
-        blocking_example(),
-        &["--workers", "2", "--worker-timeout", "2s"],
-        &[],
-    );
+    let example = blocking_example();
+    let _serial = serial();
+    let d = start_with(example, &["--workers", "2", "--worker-timeout", "2s"], &[]);
     d.wait_ready();
     let addr = d.app();
     let t0 = Instant::now();
@@ -447,6 +455,7 @@ fn sd_watchdog_kills_an_app_that_stops_pinging_and_only_that() {
 #[test]
 fn a_leaking_app_is_recycled_by_memory_without_a_failed_request() {
     let fx = fixture();
+    let _serial = serial();
     let d = start(&[
         "--workers",
         "2",
@@ -500,6 +509,7 @@ fn a_leaking_app_is_recycled_by_memory_without_a_failed_request() {
 /// request fails.
 #[test]
 fn max_requests_recycles_one_at_a_time_without_a_failed_request() {
+    let _serial = serial();
     let d = start(&[
         "--workers",
         "2",
@@ -561,6 +571,7 @@ fn max_requests_recycles_one_at_a_time_without_a_failed_request() {
 #[test]
 fn max_lifetime_recycles_an_external_app() {
     let fx = fixture();
+    let _serial = serial();
     let d = start(&[
         "--workers",
         "2",
