@@ -596,3 +596,44 @@ fn max_lifetime_recycles_an_external_app() {
         0.0
     );
 }
+
+/// A real sd_watchdog client: puma pings the watchdog when it finds
+/// `WATCHDOG_USEC` and a `WATCHDOG_PID` equal to its own pid (Ruby's
+/// sd_notify checks it), every half interval: it is watched and never
+/// killed. (Debian's `puma` and `ruby-sd-notify`; `tests/run` installs them.)
+#[test]
+fn puma_pings_the_watchdog_and_lives() {
+    let puma = ["/usr/bin/puma", "/usr/local/bin/puma"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("puma is not installed (tests/run installs Debian's puma)");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/servers");
+    let (config, app) = (dir.join("puma.rb"), dir.join("config.ru"));
+    let d = start(&[
+        "--workers",
+        "2",
+        "--worker-timeout",
+        "2s",
+        "--",
+        puma,
+        "--bind-to-activated-sockets",
+        "only",
+        "--config",
+        config.to_str().unwrap(),
+        app.to_str().unwrap(),
+    ]);
+    d.wait_ready();
+    wait_for(&d, "both workers ping", Duration::from_secs(10), || {
+        messages(&d, "worker sent WATCHDOG=1").len() == 2
+    });
+    let pids = d.children();
+    // Three intervals: an app that stopped would have been killed by now.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        messages(&d, "killed hung worker").is_empty(),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(d.children(), pids);
+    assert_eq!(metric_sum(&d, "drover_worker_timeouts_total", ""), 0.0);
+}
