@@ -438,7 +438,8 @@ fn sd_watchdog_kills_an_app_that_stops_pinging_and_only_that() {
     });
     assert!(metric_sum(&pinging, "drover_worker_timeouts_total", "") >= 2.0);
     // The silent app has run well past its interval: untouched.
-    assert!(up.elapsed() >= Duration::from_secs(2));
+    let past = up + Duration::from_millis(2500);
+    std::thread::sleep(past.saturating_duration_since(Instant::now()));
     assert!(
         messages(&silent, "killed hung worker").is_empty(),
         "{}",
@@ -490,10 +491,13 @@ fn a_leaking_app_is_recycled_by_memory_without_a_failed_request() {
         d.log_text()
     );
     assert_eq!(by_metric, recycles as f64);
-    // Unbounded, the pod would hold about 1 MiB per answer.
+    // Unbounded, the pod would hold about 1 MiB per answer (~1 GiB here);
+    // bounded, each worker holds at most its limit plus what it grows
+    // between two checks and while its successor starts: 2 × (64 + 128)
+    // MiB leaves room for a loaded machine.
     let unbounded = answered as u64;
     assert!(
-        peak < 320 << 20,
+        peak < 384 << 20,
         "peak {} MiB for 2 workers limited to 64 MiB",
         peak >> 20
     );
