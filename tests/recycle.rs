@@ -641,3 +641,48 @@ fn puma_pings_the_watchdog_and_lives() {
     assert_eq!(d.children(), pids);
     assert_eq!(metric_sum(&d, "drover_worker_timeouts_total", ""), 0.0);
 }
+
+/// A recycle whose successor fails follows the roll's rules: it halts, the
+/// old worker serves on (no request fails, /readyz stays 200), the halt is
+/// logged and counted, and the same worker is not recycled again at once.
+#[test]
+fn a_recycle_whose_successor_fails_halts_and_the_old_worker_serves_on() {
+    let fx = fixture();
+    let dir = TempDir::new("recycle-halt");
+    let marker = dir.path().join("fail");
+    let _serial = serial();
+    let d = start(&[
+        "--workers",
+        "1",
+        "--max-worker-lifetime",
+        "1s",
+        "--",
+        "python3",
+        &fx,
+        "--exit-if-exists",
+        marker.to_str().unwrap(),
+    ]);
+    d.wait_ready();
+    let first = get_index(d.app())["pid"].as_u64().unwrap();
+    std::fs::write(&marker, "").unwrap();
+    let load = Load::start(d.app(), 1, Duration::from_millis(20));
+    wait_for(&d, "the recycle halts", Duration::from_secs(6), || {
+        d.metric("drover_rolls_total{result=\"halted\"}") == Some(1.0)
+    });
+    // Past the halt, the old worker serves on; not retried for 10 s.
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failed) = load.finish();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(
+        ok.iter().all(|a| a["pid"].as_u64() == Some(first)),
+        "served by the old worker"
+    );
+    assert_eq!(d.metric("drover_rolls_total{result=\"halted\"}"), Some(1.0));
+    assert_eq!(
+        messages(&d, "recycling worker").len(),
+        1,
+        "{}",
+        d.log_text()
+    );
+    assert!(http(d.admin, "GET", "/readyz", &[]).is_ok_and(|r| r.status == 200));
+}
