@@ -269,9 +269,13 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
             "--max-requests counts the requests of drover's own workers only: an external command's workers are not recycled by it (use --max-worker-memory or --max-worker-lifetime)"
         );
     }
-    if matches!(app, AppKind::Builtin) && contexts.len() == 1 && limits.any() {
+    let recycling = limits.max_requests.is_some()
+        || limits.max_memory.is_some()
+        || limits.max_lifetime.is_some();
+    if matches!(app, AppKind::Builtin) && contexts.len() == 1 && recycling {
+        // (--worker-timeout is on by default: not worth a warning.)
         tracing::warn!(
-            "--workers 1 with the built-in or a library app serves in-process: --worker-timeout and the --max-* recycling limits apply only to worker processes"
+            "--workers 1 with the built-in or a library app serves in-process: the --max-* recycling limits (and --worker-timeout) apply only to worker processes"
         );
     }
     Ok(Plan {
