@@ -132,6 +132,29 @@ pub struct RunArgs {
     /// A worker not up this long after its start is a failed start.
     #[arg(long, env = "DROVER_WORKER_READY_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
     pub worker_ready_timeout: Duration,
+    /// A worker of drover's own app whose event loop is silent this long is
+    /// SIGKILLed and replaced (its heartbeat is stuck); an external app that
+    /// sent sd_notify's `WATCHDOG=1` gets this as `WATCHDOG_USEC`. `0` = off.
+    #[arg(long, env = "DROVER_WORKER_TIMEOUT", default_value = "30s")]
+    pub worker_timeout: String,
+    /// Recycle a worker of drover's own app after it answered this many
+    /// requests (plus up to `--max-requests-jitter`). `0` = off.
+    #[arg(long, env = "DROVER_MAX_REQUESTS", default_value = "0")]
+    pub max_requests: String,
+    /// Up to this many more requests, random per process, so that workers
+    /// do not all recycle together.
+    #[arg(long, env = "DROVER_MAX_REQUESTS_JITTER", default_value = "0")]
+    pub max_requests_jitter: String,
+    /// Recycle a worker whose process group's resident memory is above this
+    /// (e.g. `512Mi`, `1G`; checked every second). `0` = off.
+    #[arg(long, env = "DROVER_MAX_WORKER_MEMORY", default_value = "0")]
+    pub max_worker_memory: String,
+    /// Recycle a worker after it ran this long (e.g. `1h`). `0` = off.
+    #[arg(long, env = "DROVER_MAX_WORKER_LIFETIME", default_value = "0")]
+    pub max_worker_lifetime: String,
+    /// Up to this much longer, random per process.
+    #[arg(long, env = "DROVER_MAX_WORKER_LIFETIME_JITTER", default_value = "0")]
+    pub max_worker_lifetime_jitter: String,
     /// Log format.
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -239,6 +262,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}` is not a duration like 500ms, 30s or 1m: {e}"))
 }
 
+/// Parses a memory size: bytes, or a number with a decimal (`k`, `M`, `G`,
+/// `T`) or binary (`Ki`, `Mi`, `Gi`, `Ti`) suffix as Kubernetes writes them,
+/// optionally followed by `B` (`64Mi`, `1G`, `512MiB`, `1.5Gi`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1000,
+        "M" => 1000_u64.pow(2),
+        "G" => 1000_u64.pow(3),
+        "T" => 1000_u64.pow(4),
+        "Ki" | "KI" => 1 << 10,
+        "Mi" | "MI" => 1 << 20,
+        "Gi" | "GI" => 1 << 30,
+        "Ti" | "TI" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "`{s}` is not a size like 512Mi, 1Gi or 1G (suffixes k, M, G, T, Ki, Mi, Gi, Ti)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512Mi, 1Gi or 1G"))?;
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("`{s}` is too large"));
+    }
+    Ok(bytes as u64)
+}
+
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err("must be more than 0".into()),
@@ -270,6 +329,19 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("64Mi").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1_000_000_000);
+        assert_eq!(parse_size("1.5Gi").unwrap(), 3 << 29);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["12xyz", "", "Mi", "-1Mi", "1..2G", "64 Mi q", "1e400"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

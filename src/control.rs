@@ -16,6 +16,7 @@
 //! |---|---|---|
 //! | worker → supervisor | `R` | accepting: the worker is up (drover's own workers) |
 //! | worker → supervisor | `S` | stop the whole service (library `stop()`) |
+//! | worker → supervisor | `H` | heartbeat: its event loop runs (`--worker-timeout`) |
 //! | supervisor → worker | `D` | the stop flag is set: draining |
 //! | supervisor → worker | `A` | stop accepting now; finish in-flight work and exit |
 //! | supervisor gone | EOF | stop accepting and exit |
@@ -44,6 +45,13 @@ const CONTEXT_ENV: &str = "DROVER_WORKER_CONTEXT";
 const STOP_FD_ENV: &str = "DROVER_STOP_FD";
 const LOG_FORMAT_ENV: &str = "DROVER_LOG_FORMAT";
 const LOG_LEVEL_ENV: &str = "DROVER_LOG_LEVEL";
+/// How often a worker of drover's own app sends its heartbeat, in ms.
+const HEARTBEAT_ENV: &str = "DROVER_INTERNAL_HEARTBEAT_MS";
+/// sd_watchdog(3): the interval, and the pid it is meant for (the child
+/// writes its own pid there, as for `LISTEN_PID`).
+pub const WATCHDOG_USEC_ENV: &str = "WATCHDOG_USEC";
+/// See [`WATCHDOG_USEC_ENV`].
+pub const WATCHDOG_PID_ENV: &str = "WATCHDOG_PID";
 /// sd_notify's socket, set only when drover listens for `READY=1`.
 pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
 
@@ -61,6 +69,9 @@ pub fn is_reserved(name: &[u8]) -> bool {
             STOP_FD_ENV,
             LOG_FORMAT_ENV,
             LOG_LEVEL_ENV,
+            HEARTBEAT_ENV,
+            WATCHDOG_USEC_ENV,
+            WATCHDOG_PID_ENV,
             // Readiness is reported to drover, never past it to whoever
             // started drover.
             NOTIFY_SOCKET_ENV,
@@ -88,6 +99,8 @@ pub struct OwnWorker {
     /// No other worker accepts on its socket (`--balance reuseport`): it
     /// has no peer to defer to.
     pub own_socket: bool,
+    /// How often to send a heartbeat (`--worker-timeout` is on).
+    pub heartbeat: Option<std::time::Duration>,
 }
 
 /// A worker's identity and settings, as passed in its environment.
@@ -103,6 +116,9 @@ pub struct WorkerEnv {
     pub own: Option<OwnWorker>,
     /// `NOTIFY_SOCKET`, when drover listens for sd_notify.
     pub notify_socket: Option<String>,
+    /// `WATCHDOG_USEC` (with `WATCHDOG_PID`), with sd_notify and
+    /// `--worker-timeout`.
+    pub watchdog_usec: Option<u64>,
 }
 
 /// Why a worker's environment could not be read.
@@ -125,8 +141,9 @@ pub enum EnvError {
 }
 
 impl WorkerEnv {
-    /// The variables to add to a worker's environment. `LISTEN_PID` is
-    /// present with an empty value: the child writes its own pid there.
+    /// The variables to add to a worker's environment. `LISTEN_PID` (and
+    /// `WATCHDOG_PID`) is present with an empty value: the child writes its
+    /// own pid there.
     pub fn encode(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(12);
         let mut set = |k: &str, v: &[u8]| env.push((k.as_bytes().to_vec(), v.to_vec()));
@@ -140,6 +157,10 @@ impl WorkerEnv {
         set(STOP_FD_ENV, CONTROL_FD.to_string().as_bytes());
         if let Some(n) = &self.notify_socket {
             set(NOTIFY_SOCKET_ENV, n.as_bytes());
+            if let Some(usec) = self.watchdog_usec {
+                set(WATCHDOG_USEC_ENV, usec.to_string().as_bytes());
+                set(WATCHDOG_PID_ENV, b"");
+            }
         }
         if let Some(own) = &self.own {
             set(ROLE_ENV, ROLE_WORKER.as_bytes());
@@ -150,6 +171,9 @@ impl WorkerEnv {
             }
             if own.own_socket {
                 set(OWN_SOCKET_ENV, b"1");
+            }
+            if let Some(h) = own.heartbeat {
+                set(HEARTBEAT_ENV, h.as_millis().max(1).to_string().as_bytes());
             }
         }
         env
@@ -172,12 +196,19 @@ impl WorkerEnv {
             log_format: var(LOG_FORMAT_ENV).unwrap_or_else(|| "text".into()),
             log_level: var(LOG_LEVEL_ENV).unwrap_or_else(|| "info".into()),
             own_socket: var(OWN_SOCKET_ENV).as_deref() == Some("1"),
+            heartbeat: var(HEARTBEAT_ENV)
+                .and_then(|h| h.parse().ok())
+                .filter(|&ms| ms > 0)
+                .map(std::time::Duration::from_millis),
         });
         Ok(WorkerEnv {
             id: num(ID_ENV)?,
             workers: num(WORKERS_ENV)?,
             context,
             own,
+            watchdog_usec: var(NOTIFY_SOCKET_ENV)
+                .and(var(WATCHDOG_USEC_ENV))
+                .and_then(|u| u.parse().ok()),
             notify_socket: var(NOTIFY_SOCKET_ENV),
         })
     }
@@ -190,6 +221,8 @@ pub enum ToSupervisor {
     Ready,
     /// Stop the whole service.
     Stop,
+    /// Its event loop runs.
+    Heartbeat,
 }
 
 /// A message from the supervisor to a worker.
@@ -207,6 +240,7 @@ impl ToSupervisor {
         match self {
             ToSupervisor::Ready => b'R',
             ToSupervisor::Stop => b'S',
+            ToSupervisor::Heartbeat => b'H',
         }
     }
 
@@ -215,6 +249,7 @@ impl ToSupervisor {
     pub fn decode(b: u8, own_worker: bool) -> ToSupervisor {
         match b {
             b'R' if own_worker => ToSupervisor::Ready,
+            b'H' if own_worker => ToSupervisor::Heartbeat,
             _ => ToSupervisor::Stop,
         }
     }
@@ -334,6 +369,18 @@ impl WorkerSender {
         use std::io::Write;
         (&self.0).write_all(&[msg.byte()]).is_ok()
     }
+
+    /// Sends `msg` unless that would block (the supervisor is not reading:
+    /// a heartbeat is then simply missed, never waited for on the event
+    /// loop); false only if the supervisor is gone.
+    pub fn send_nonblocking(&self, msg: ToSupervisor) -> bool {
+        let n = nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(&self.0),
+            &[msg.byte()],
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        );
+        !matches!(n, Err(e) if e != nix::errno::Errno::EAGAIN && e != nix::errno::Errno::EINTR)
+    }
 }
 
 #[cfg(test)]
@@ -361,6 +408,7 @@ mod tests {
             context: serde_json::json!({"db": "x", "n": [1, 2.5, null], "ü": "\u{1F600}"}),
             own: None,
             notify_socket: Some("/run/drover-1/notify".into()),
+            watchdog_usec: Some(2_000_000),
         };
         assert_eq!(round_trip(&external), external);
         let own = WorkerEnv {
@@ -369,8 +417,10 @@ mod tests {
                 log_format: "json".into(),
                 log_level: "drover=debug".into(),
                 own_socket: true,
+                heartbeat: Some(std::time::Duration::from_millis(400)),
             }),
             notify_socket: None,
+            watchdog_usec: None,
             ..external
         };
         assert_eq!(round_trip(&own), own);
@@ -400,11 +450,15 @@ mod tests {
             assert_eq!(ToWorker::decode(m.byte()), Some(m));
         }
         assert_eq!(ToWorker::decode(b'x'), None);
-        for m in [ToSupervisor::Ready, ToSupervisor::Stop] {
+        for m in [
+            ToSupervisor::Ready,
+            ToSupervisor::Stop,
+            ToSupervisor::Heartbeat,
+        ] {
             assert_eq!(ToSupervisor::decode(m.byte(), true), m);
         }
         // An external command that writes anything, even 'R', asks for a stop.
-        for b in [b'R', b'S', b'\n', 0] {
+        for b in [b'R', b'S', b'H', b'\n', 0] {
             assert_eq!(ToSupervisor::decode(b, false), ToSupervisor::Stop);
         }
     }

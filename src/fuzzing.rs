@@ -43,7 +43,10 @@ pub fn admin<B>(req: &hyper::Request<B>, peer: SocketAddr, token: Option<&[u8]>)
 
 /// Whether a notify datagram says `READY=1`.
 pub fn notify(datagram: &[u8]) -> bool {
-    crate::notify::says_ready(datagram)
+    let ready = crate::notify::says_ready(datagram);
+    let notices = crate::notify::notices(datagram);
+    assert_eq!(ready, notices.contains(&crate::notify::Notice::Ready));
+    ready
 }
 
 /// The control socket's bytes as the supervisor reads them from a worker

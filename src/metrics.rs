@@ -56,7 +56,10 @@ const OFF_CONNS: usize = OFF_LANES + LANES;
 const OFF_ACCEPTING: usize = OFF_CONNS + LANES;
 /// Failed `accept` calls on the shared socket (EMFILE and the like).
 const OFF_ACCEPT_ERRORS: usize = OFF_ACCEPTING + LANES;
-const SLOT_WORDS: usize = OFF_ACCEPT_ERRORS + 1;
+/// Per lane: requests the process answered (`--max-requests`); reset when
+/// the lane's process is started and when it exits.
+const OFF_LANE_REQUESTS: usize = OFF_ACCEPT_ERRORS + 1;
+const SLOT_WORDS: usize = OFF_LANE_REQUESTS + LANES;
 
 /// The shared region's total size in words.
 pub const REGION_WORDS: usize = SLOT_WORDS * MAX_WORKERS;
@@ -161,6 +164,8 @@ impl HttpRecorder {
     pub fn finish(&self, status: u16, elapsed: Duration) {
         if let Some(lane) = self.lane {
             self.word(OFF_LANES + lane).fetch_sub(1, Ordering::Relaxed);
+            self.word(OFF_LANE_REQUESTS + lane)
+                .fetch_add(1, Ordering::Relaxed);
         }
         let code = usize::from(status.clamp(100, 999)) - 100;
         self.word(code).fetch_add(1, Ordering::Relaxed);
@@ -198,6 +203,11 @@ pub struct Metrics {
     pub rolls: IntCounterVec,
     /// `drover_contexts_info{source,version}`: 1 for the contexts in force.
     contexts_info: IntGaugeVec,
+    /// `drover_worker_timeouts_total{worker}`: workers killed by the
+    /// watchdog (`--worker-timeout`, sd_notify `WATCHDOG=1`).
+    pub worker_timeouts: IntCounterVec,
+    /// `drover_worker_recycles_total{worker,reason}`.
+    pub worker_recycles: IntCounterVec,
     flag: StopFlag,
     /// What is read at scrape time.
     pub pod: Arc<PodCollector>,
@@ -280,6 +290,23 @@ impl Metrics {
                 .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
+            },
+            worker_timeouts: counter(
+                "drover_worker_timeouts_total",
+                "Workers killed and replaced because their heartbeat stopped (--worker-timeout, or sd_notify WATCHDOG=1 not repeated within WATCHDOG_USEC), by worker.",
+                "worker",
+            ),
+            worker_recycles: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "drover_worker_recycles_total",
+                        "Workers replaced gracefully for reaching a limit, by worker and reason (requests: --max-requests, memory: --max-worker-memory, lifetime: --max-worker-lifetime).",
+                    ),
+                    &["worker", "reason"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
             },
             registry,
             flag,
@@ -428,9 +455,29 @@ impl PodCollector {
         if let (Some(http), Some(lane)) = (&self.http, lane) {
             if slot < MAX_WORKERS && lane < LANES {
                 let w = &http.words()[slot * SLOT_WORDS..(slot + 1) * SLOT_WORDS];
-                for off in [OFF_LANES, OFF_CONNS, OFF_ACCEPTING] {
+                for off in [OFF_LANES, OFF_CONNS, OFF_ACCEPTING, OFF_LANE_REQUESTS] {
                     w[off + lane].store(0, Ordering::Relaxed);
                 }
+            }
+        }
+    }
+
+    /// Requests answered by the process of `slot` holding `lane` (None
+    /// without the HTTP region).
+    pub fn lane_requests(&self, slot: usize, lane: usize) -> Option<u64> {
+        let http = self.http.as_ref()?;
+        (slot < MAX_WORKERS && lane < LANES).then(|| {
+            http.words()[slot * SLOT_WORDS + OFF_LANE_REQUESTS + lane].load(Ordering::Relaxed)
+        })
+    }
+
+    /// A process of `slot` is about to start on `lane`: its request count
+    /// starts at 0.
+    pub fn lane_started(&self, slot: usize, lane: Option<usize>) {
+        if let (Some(http), Some(lane)) = (&self.http, lane) {
+            if slot < MAX_WORKERS && lane < LANES {
+                http.words()[slot * SLOT_WORDS + OFF_LANE_REQUESTS + lane]
+                    .store(0, Ordering::Relaxed);
             }
         }
     }

@@ -4,7 +4,11 @@
 //! (a read-only root filesystem needs a writable `$TMPDIR`, e.g. an
 //! `emptyDir` on `/tmp`, which the chart mounts); a worker, or any process it
 //! started, that sends `READY=1` marks that worker as up. gunicorn and puma
-//! send it once booted. The sender is identified by the kernel
+//! send it once booted. With `--worker-timeout`, a worker also gets
+//! `WATCHDOG_USEC` and `WATCHDOG_PID` (sd_watchdog(3)): once it has sent
+//! `WATCHDOG=1`, it must keep sending it within that interval, or it is
+//! killed and replaced (`WATCHDOG=trigger` asks for that at once). The
+//! sender is identified by the kernel
 //! (`SCM_CREDENTIALS`), never by what it claims. This module only listens;
 //! the supervisor decides.
 
@@ -61,9 +65,9 @@ impl NotifySocket {
         ))
     }
 
-    /// Sends the pid of every process that reports `READY=1`, until `tx`
-    /// closes.
-    pub async fn run(self, tx: mpsc::UnboundedSender<i32>) {
+    /// Sends the pid and the notice of every process that reports
+    /// `READY=1` or a watchdog ping, until `tx` closes.
+    pub async fn run(self, tx: mpsc::UnboundedSender<(i32, Notice)>) {
         let mut buf = [0u8; 4096];
         loop {
             if self.socket.readable().await.is_err() {
@@ -93,12 +97,39 @@ impl NotifySocket {
                 Err(_) => continue,
             };
             if let Some(pid) = pid {
-                if says_ready(&buf[..n]) && tx.send(pid).is_err() {
-                    return;
+                for notice in notices(&buf[..n]) {
+                    if tx.send((pid, notice)).is_err() {
+                        return;
+                    }
                 }
             }
         }
     }
+}
+
+/// What a worker tells drover over sd_notify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// `READY=1`.
+    Ready,
+    /// `WATCHDOG=1`: alive.
+    Watchdog,
+    /// `WATCHDOG=trigger`: hung, kill me now.
+    WatchdogTrigger,
+}
+
+/// Every notice in one datagram, in order (lines drover does not act on are
+/// skipped). Never fails.
+pub fn notices(datagram: &[u8]) -> Vec<Notice> {
+    datagram
+        .split(|&b| b == b'\n')
+        .filter_map(|line| match line.trim_ascii() {
+            b"READY=1" => Some(Notice::Ready),
+            b"WATCHDOG=1" => Some(Notice::Watchdog),
+            b"WATCHDOG=trigger" => Some(Notice::WatchdogTrigger),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Whether one notification datagram says `READY=1`. The datagram is
@@ -136,5 +167,16 @@ mod tests {
         assert!(!says_ready(b"XREADY=1"));
         assert!(!says_ready(b"STATUS=READY=1"));
         assert!(says_ready(b"\xff\xfe\nREADY=1"));
+    }
+
+    #[test]
+    fn watchdog_pings_are_read() {
+        assert_eq!(notices(b"WATCHDOG=1"), vec![Notice::Watchdog]);
+        assert_eq!(
+            notices(b"READY=1\nWATCHDOG=1\n"),
+            vec![Notice::Ready, Notice::Watchdog]
+        );
+        assert_eq!(notices(b"WATCHDOG=trigger"), vec![Notice::WatchdogTrigger]);
+        assert!(notices(b"WATCHDOG=0\nWATCHDOG_USEC=5\nSTATUS=x").is_empty());
     }
 }

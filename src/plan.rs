@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::supervisor::drain::DrainPolicy;
 use crate::supervisor::pool::policy::Policy;
 use crate::supervisor::pool::table::BackoffLimits;
-use crate::supervisor::pool::PoolSettings;
+use crate::supervisor::pool::{Limits, PoolSettings};
 
 /// What each worker runs.
 #[derive(Debug, Clone)]
@@ -115,6 +115,8 @@ pub struct Plan {
     pub app: AppKind,
     /// The admin bearer token (re-read when its file changes).
     pub token: Option<crate::admin::Token>,
+    /// The watchdog and the recycling limits.
+    pub limits: Limits,
     per_worker: bool,
 }
 
@@ -160,6 +162,7 @@ impl Plan {
             },
             stop_signal: self.args.stop_signal.signo,
             ready_when_running: self.args.worker_ready == WorkerReady::Running,
+            limits: self.limits.clone(),
         }
     }
 }
@@ -268,7 +271,23 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
         level: args.log_level.clone(),
     };
     let per_worker = matches!(loaded, contexts::Contexts::PerWorker(_));
+    let limits = limits(&args)?;
+    if matches!(app, AppKind::Command { .. }) && limits.max_requests.is_some() {
+        tracing::warn!(
+            "--max-requests counts the requests of drover's own workers only: an external command's workers are not recycled by it (use --max-worker-memory or --max-worker-lifetime)"
+        );
+    }
+    let recycling = limits.max_requests.is_some()
+        || limits.max_memory.is_some()
+        || limits.max_lifetime.is_some();
+    if matches!(app, AppKind::Builtin) && contexts.len() == 1 && recycling {
+        // (--worker-timeout is on by default: not worth a warning.)
+        tracing::warn!(
+            "--workers 1 with the built-in or a library app serves in-process: the --max-* recycling limits (and --worker-timeout) apply only to worker processes"
+        );
+    }
     let mut plan = Plan {
+        limits,
         per_worker,
         listen,
         admin,
@@ -288,6 +307,40 @@ pub fn load(args: RunArgs, validate: &dyn Fn(usize, &Value) -> Result<(), String
         plan.listen.balance = crate::listener::Balance::Shared;
     }
     Ok(plan)
+}
+
+/// `--worker-timeout` and the recycling limits, checked (exit 78 when bad).
+fn limits(a: &RunArgs) -> Result<Limits> {
+    use crate::config::{parse_duration, parse_size};
+    let bad = |opt: &str, e: String| Error::Config(format!("--{opt}: {e}"));
+    let duration = |opt: &str, v: &str| parse_duration(v).map_err(|e| bad(opt, e));
+    let count = |opt: &str, v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|_| bad(opt, format!("`{v}` is not a whole number (0 = off)")))
+    };
+    let nonzero = |d: std::time::Duration| (!d.is_zero()).then_some(d);
+    let worker_timeout = nonzero(duration("worker-timeout", &a.worker_timeout)?);
+    if worker_timeout.is_some_and(|t| t < std::time::Duration::from_millis(100)) {
+        return Err(bad(
+            "worker-timeout",
+            format!(
+                "`{}` is shorter than 100ms (0 turns it off)",
+                a.worker_timeout
+            ),
+        ));
+    }
+    let max_requests = count("max-requests", &a.max_requests)?;
+    let jitter = count("max-requests-jitter", &a.max_requests_jitter)?;
+    let memory = parse_size(&a.max_worker_memory).map_err(|e| bad("max-worker-memory", e))?;
+    let lifetime = duration("max-worker-lifetime", &a.max_worker_lifetime)?;
+    let lifetime_jitter = duration("max-worker-lifetime-jitter", &a.max_worker_lifetime_jitter)?;
+    Ok(Limits {
+        worker_timeout,
+        max_requests: (max_requests > 0).then_some((max_requests, jitter)),
+        max_memory: (memory > 0).then_some(memory),
+        max_lifetime: nonzero(lifetime).map(|l| (l, lifetime_jitter)),
+    })
 }
 
 /// Finds `program` the way a shell would, so that "not found" and "not
@@ -416,6 +469,18 @@ pub fn describe(plan: &Plan) -> String {
         s,
         "drain: delay {:?}, graceful timeout {:?}, stop signal {}, restart {:?}",
         a.drain_delay, a.graceful_timeout, a.stop_signal.name, a.restart
+    );
+    let l = &plan.limits;
+    let off = || "off".to_string();
+    let _ = writeln!(
+        s,
+        "watchdog: worker timeout {}; recycle after requests {}, memory {}, lifetime {}",
+        l.worker_timeout.map_or_else(off, |t| format!("{t:?}")),
+        l.max_requests
+            .map_or_else(off, |(n, j)| format!("{n} (+ up to {j})")),
+        l.max_memory.map_or_else(off, |m| format!("{m} bytes")),
+        l.max_lifetime
+            .map_or_else(off, |(d, j)| format!("{d:?} (+ up to {j:?})")),
     );
     s
 }

@@ -19,9 +19,10 @@
 //! workers and lets a replacement worker be started at any time from a running
 //! supervisor.
 //!
-//! Every buffer the child touches (argv, envp, the `LISTEN_PID` slot) is built
-//! by [`Spawn::new`] in the parent; the child writes only into that slot, which
-//! is its own copy-on-write page.
+//! Every buffer the child touches (argv, envp, the `LISTEN_PID` and
+//! `WATCHDOG_PID` slots) is built
+//! by [`Spawn::new`] in the parent; the child writes only into those slots, which
+//! are its own copy-on-write pages.
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, OsStr};
@@ -34,8 +35,9 @@ use std::os::unix::ffi::OsStrExt;
 /// number means a `dup2` onto 3 can never clobber the source of the 4.
 pub const HIGH_FD_BASE: RawFd = 10;
 
-/// The environment variable whose value the child fills in with its own pid.
-const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// The environment variables whose value the child fills in with its own
+/// pid (sd_listen_fds(3) and sd_watchdog(3) check them against getpid()).
+const PID_VARS: [&[u8]; 2] = [b"LISTEN_PID", b"WATCHDOG_PID"];
 
 /// Moves `fd` to a close-on-exec descriptor numbered at least
 /// [`HIGH_FD_BASE`], so that the fixed numbers workers expect stay free.
@@ -72,8 +74,8 @@ pub struct Spawn {
     argv_ptrs: Vec<*const libc::c_char>,
     envp: Vec<Vec<u8>>,
     envp_ptrs: Vec<*const libc::c_char>,
-    /// Index into `envp` of the `LISTEN_PID=` entry, if any.
-    listen_pid: Option<usize>,
+    /// Indexes into `envp` of the `LISTEN_PID=` and `WATCHDOG_PID=` entries.
+    pid_vars: Vec<usize>,
     /// (source, target) pairs: the child dup2s each source onto its target.
     fds: Vec<(RawFd, RawFd)>,
     /// Put the child in a process group of its own, so a terminal's Ctrl-C
@@ -84,8 +86,8 @@ pub struct Spawn {
 
 impl Spawn {
     /// Prepares `program` with `args` (argv[0] included) and the complete
-    /// environment `env`. An entry `LISTEN_PID` in `env` is rewritten in the
-    /// child to the child's own pid.
+    /// environment `env`. Entries `LISTEN_PID` and `WATCHDOG_PID` in `env`
+    /// are rewritten in the child to the child's own pid.
     pub fn new(
         program: &OsStr,
         args: &[&OsStr],
@@ -105,7 +107,7 @@ impl Spawn {
         let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
 
-        let mut listen_pid = None;
+        let mut pid_vars = Vec::new();
         let mut envp = Vec::with_capacity(env.len());
         for (k, v) in env {
             if k.contains(&0) || k.contains(&b'=') || v.contains(&0) {
@@ -117,8 +119,8 @@ impl Spawn {
             let mut entry = Vec::with_capacity(k.len() + v.len() + 24);
             entry.extend_from_slice(k);
             entry.push(b'=');
-            if k.as_slice() == &LISTEN_PID_PREFIX[..LISTEN_PID_PREFIX.len() - 1] {
-                listen_pid = Some(envp.len());
+            if PID_VARS.contains(&k.as_slice()) {
+                pid_vars.push(envp.len());
                 // Room for any pid: the child writes the digits and a NUL.
                 entry.extend_from_slice(&[b'0'; 20]);
             } else {
@@ -144,7 +146,7 @@ impl Spawn {
             argv_ptrs,
             envp,
             envp_ptrs,
-            listen_pid,
+            pid_vars,
             fds: fds.to_vec(),
             new_process_group: true,
         })
@@ -165,11 +167,15 @@ impl Spawn {
             unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
 
         let parent = std::process::id() as libc::pid_t;
-        let listen_pid_slot: *mut u8 = match self.listen_pid {
-            // SAFETY: the entry has LISTEN_PID_PREFIX.len() + 20 + 1 bytes.
-            Some(i) => unsafe { self.envp[i].as_mut_ptr().add(LISTEN_PID_PREFIX.len()) },
-            None => std::ptr::null_mut(),
-        };
+        // Where the child writes its pid: right after `NAME=` of each entry,
+        // which has room for 20 digits and a NUL. A fixed array, built here,
+        // so the child only reads it.
+        let mut pid_slots: [*mut u8; PID_VARS.len()] = [std::ptr::null_mut(); PID_VARS.len()];
+        for (slot, &i) in pid_slots.iter_mut().zip(&self.pid_vars) {
+            let name = self.envp[i].iter().position(|&b| b == b'=').expect("NAME=") + 1;
+            // SAFETY: the entry has name + 20 + 1 bytes (see new).
+            *slot = unsafe { self.envp[i].as_mut_ptr().add(name) };
+        }
         // The empty signal set is built before the fork (sigemptyset is
         // async-signal-safe, but there is no reason to do work in the child).
         let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -185,7 +191,7 @@ impl Spawn {
             return Err(io::Error::last_os_error());
         }
         if pid == 0 {
-            unsafe { self.child(err_w.as_raw_fd(), parent, listen_pid_slot, &empty) }
+            unsafe { self.child(err_w.as_raw_fd(), parent, &pid_slots, &empty) }
         }
         drop(err_w);
         let mut errno = [0u8; 4];
@@ -222,7 +228,7 @@ impl Spawn {
         &self,
         err_w: RawFd,
         parent: libc::pid_t,
-        listen_pid_slot: *mut u8,
+        pid_slots: &[*mut u8; PID_VARS.len()],
         empty: &libc::sigset_t,
     ) -> ! {
         let fail = |err_w: RawFd| -> ! {
@@ -298,8 +304,11 @@ impl Spawn {
             0,
         );
 
-        if !listen_pid_slot.is_null() {
-            write_decimal(listen_pid_slot, libc::getpid() as u64);
+        let me = libc::getpid() as u64;
+        for &slot in pid_slots {
+            if !slot.is_null() {
+                write_decimal(slot, me);
+            }
         }
         libc::execve(
             self.program.as_ptr(),

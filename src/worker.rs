@@ -28,6 +28,7 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
         log_format: "text".into(),
         log_level: "info".into(),
         own_socket: false,
+        heartbeat: None,
     });
     let format = match own.log_format.as_str() {
         "json" => crate::config::LogFormat::Json,
@@ -71,7 +72,8 @@ pub(crate) fn main(make: &crate::app::Factory<'_>) -> ExitCode {
         .and_then(|region| crate::metrics::HttpRecorder::new(region, id, own.lane));
     // Peers to defer to (serve::Balance): none on a socket of its own.
     let peers = if own.own_socket { 1 } else { env.workers };
-    match rt.block_on(run(id, peers, listen_fd, ctl_fd, svc, recorder)) {
+    let heartbeat = own.heartbeat;
+    match rt.block_on(run(id, peers, listen_fd, ctl_fd, svc, recorder, heartbeat)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(worker = id, "{e}");
@@ -87,9 +89,26 @@ async fn run(
     ctl_fd: OwnedFd,
     svc: DynService,
     recorder: Option<crate::metrics::HttpRecorder>,
+    heartbeat: Option<std::time::Duration>,
 ) -> std::io::Result<()> {
     let mut ctl = WorkerEnd::new(ctl_fd)?;
     let ready = ctl.sender()?;
+    if let Some(every) = heartbeat {
+        // A task of this event loop, the one the handlers run on: a handler
+        // that blocks the loop stops the heartbeat, and the supervisor's
+        // --worker-timeout kills this process.
+        let beat = ctl.sender()?;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !beat.send_nonblocking(ToSupervisor::Heartbeat) {
+                    return;
+                }
+            }
+        });
+    }
     crate::app::install_stopper(Stopper::Worker(ctl.sender()?));
     let listener = ServeListener::from_fd(listen_fd)?;
 

@@ -108,3 +108,39 @@ pub fn kill_descendants(limit: std::time::Duration) -> Vec<sys::Exited> {
         }
     }
 }
+
+/// Resident memory, in bytes, of every process group on the system, by
+/// group id (a worker leads its own group: its id is the worker's pid, and
+/// the group holds what the worker started, e.g. gunicorn's worker). One
+/// walk of `/proc`; processes that vanish meanwhile are skipped.
+pub fn group_rss() -> std::collections::HashMap<i32, u64> {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let mut groups = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some((pgrp, pages)) = group_and_rss(pid) {
+            *groups.entry(pgrp).or_insert(0) += pages * page;
+        }
+    }
+    groups
+}
+
+/// (process group, resident pages) of `pid`, from `/proc/<pid>/stat`.
+fn group_and_rss(pid: i32) -> Option<(i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces and ')': the
+    // first is field 3 (state); pgrp is field 5, rss field 24.
+    let mut f = stat.rsplit_once(')')?.1.split_ascii_whitespace();
+    let pgrp = f.nth(2)?.parse().ok()?;
+    let rss = f.nth(18)?.parse().ok()?;
+    Some((pgrp, rss))
+}

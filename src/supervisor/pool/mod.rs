@@ -4,6 +4,15 @@
 //! the [`Action`]s they return with the mechanism ([`spawn`], [`procs`]).
 //! It decides nothing itself.
 //!
+//! # Watchdog and recycling
+//! With `--worker-timeout` or a `--max-*` limit the loop also looks at the
+//! workers every [`CHECK_EVERY`]: heartbeats (drover's own workers send one
+//! from their event loop; external apps may send sd_notify's `WATCHDOG=1`),
+//! requests answered (the metrics region), age, and the resident memory of
+//! each worker's process group (every [`MEMORY_EVERY`]). A silent worker is
+//! reported hung; one over a limit is queued for recycling. The rules do
+//! the rest.
+//!
 //! # Threads
 //! The loop runs on the main thread (the `block_on` future, never a spawned
 //! task) and forks only from there: a worker's parent-death signal is tied
@@ -26,7 +35,7 @@ use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use self::policy::{Action, Lifecycle};
+use self::policy::{Action, Lifecycle, Reason};
 use self::spawn::Spawner;
 use super::drain::Serving;
 use super::procs;
@@ -47,6 +56,51 @@ pub struct PoolSettings {
     pub stop_signal: libc::c_int,
     /// External workers are up once running (`--worker-ready running`).
     pub ready_when_running: bool,
+    /// The watchdog and the recycling limits.
+    pub limits: Limits,
+}
+
+/// `--worker-timeout` and the recycling limits (None: off).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// `--worker-timeout`.
+    pub worker_timeout: Option<Duration>,
+    /// `--max-requests` and its jitter.
+    pub max_requests: Option<(u64, u64)>,
+    /// `--max-worker-memory`, in bytes.
+    pub max_memory: Option<u64>,
+    /// `--max-worker-lifetime` and its jitter.
+    pub max_lifetime: Option<(Duration, Duration)>,
+}
+
+impl Limits {
+    /// Whether anything is on.
+    pub fn any(&self) -> bool {
+        self.worker_timeout.is_some()
+            || self.max_requests.is_some()
+            || self.max_memory.is_some()
+            || self.max_lifetime.is_some()
+    }
+
+    /// How often a worker of drover's own app sends its heartbeat: several
+    /// times per timeout, at most every second.
+    pub fn heartbeat(&self) -> Option<Duration> {
+        self.worker_timeout
+            .map(|t| (t / 5).clamp(Duration::from_millis(20), Duration::from_secs(1)))
+    }
+}
+
+/// A random number in `0..=max`, different per call (jitter: no two workers
+/// started together get the same limit).
+fn jitter(max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded randomly per process and per instance.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(max);
+    h.finish() % (max + 1)
 }
 
 /// What the pool holds of a process besides what the rules see.
@@ -58,13 +112,26 @@ pub struct ProcOs {
     stop_unhandled: bool,
     /// When it (or a descendant) sent READY=1 (`--worker-ready auto`).
     notified_at: Option<Instant>,
+    /// Its last heartbeat (drover's own workers: since its start) or
+    /// `WATCHDOG=1` (external apps: None until the first).
+    beat: Option<Instant>,
+    /// Its `--max-requests`, jitter drawn.
+    max_requests: Option<u64>,
+    /// Its `--max-worker-lifetime`, jitter drawn.
+    max_lifetime: Option<Duration>,
 }
 
-/// A message from a worker's control socket, or a `READY=1`.
+/// A message from a worker's control socket, or an sd_notify notice.
 enum Message {
     Control(i32, ToSupervisor),
-    Notified(i32),
+    Notified(i32, crate::notify::Notice),
 }
+
+/// How often the watchdog and the request and lifetime limits are checked.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// How often the memory of the workers is measured (a walk of `/proc`).
+const MEMORY_EVERY: Duration = Duration::from_secs(1);
 
 /// Under `--worker-ready auto`, how long after READY=1 a worker that holds
 /// the socket but is not seen accepting is taken at its word.
@@ -111,6 +178,10 @@ pub struct Pool {
     leave_when_empty: Vec<(i32, Instant)>,
     /// A worker's own backlog was overridden once (it is said only once).
     backlog_reapplied: bool,
+    /// The watchdog's and the limits' clock.
+    checks: tokio::time::Interval,
+    /// When memory was last measured.
+    memory_at: Option<Instant>,
 }
 
 impl Pool {
@@ -127,6 +198,12 @@ impl Pool {
         workers_up: Arc<AtomicBool>,
         sigchld: Signal,
     ) -> Pool {
+        let mut spawner = spawner;
+        spawner.heartbeat = settings.limits.heartbeat();
+        spawner.watchdog_usec = settings
+            .limits
+            .worker_timeout
+            .map(|t| t.as_micros().min(u128::from(u64::MAX)) as u64);
         let (messages_tx, messages) = mpsc::unbounded_channel();
         let lc = Lifecycle::new(
             settings.policy.clone(),
@@ -151,6 +228,12 @@ impl Pool {
             steered: Vec::new(),
             leave_when_empty: Vec::new(),
             backlog_reapplied: false,
+            checks: {
+                let mut i = tokio::time::interval(CHECK_EVERY);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            },
+            memory_at: None,
         }
     }
 
@@ -186,8 +269,8 @@ impl Pool {
         tokio::spawn(socket.run(tx));
         let messages = self.messages_tx.clone();
         tokio::spawn(async move {
-            while let Some(pid) = rx.recv().await {
-                if messages.send(Message::Notified(pid)).is_err() {
+            while let Some((pid, notice)) = rx.recv().await {
+                if messages.send(Message::Notified(pid, notice)).is_err() {
                     return;
                 }
             }
@@ -325,6 +408,7 @@ impl Pool {
                 _ = sleep_until_opt(next) => {}
                 _ = tokio::time::sleep(LOOK_EVERY), if self.looking() => self.look(),
                 _ = tokio::time::sleep(Duration::from_millis(5)), if !self.leave_when_empty.is_empty() => self.leave_emptied(),
+                _ = self.checks.tick(), if self.settings.limits.any() => self.check(),
                 // An app may re-listen at any time: look now and then.
                 _ = tokio::time::sleep(BACKLOG_EVERY) => {}
             }
@@ -402,7 +486,144 @@ impl Pool {
                     tracing::info!(?worker, pid, "worker asked to stop the service: draining");
                 }
             }
-            Message::Notified(pid) => self.on_notified_ready(pid),
+            Message::Control(pid, ToSupervisor::Heartbeat) => {
+                if let Some(p) = self.lc.table.procs.get_mut(&pid) {
+                    p.handle.beat = Some(Instant::now());
+                }
+            }
+            Message::Notified(pid, crate::notify::Notice::Ready) => self.on_notified_ready(pid),
+            Message::Notified(pid, notice) => self.on_watchdog(pid, notice),
+        }
+    }
+
+    /// `WATCHDOG=1` (or `=trigger`) from `pid` or a process under it: the
+    /// worker it belongs to is alive (or asks to be killed).
+    fn on_watchdog(&mut self, pid: i32, notice: crate::notify::Notice) {
+        if self.settings.limits.worker_timeout.is_none() {
+            return;
+        }
+        let Some(worker) = self.worker_of(pid) else {
+            tracing::debug!(pid, "WATCHDOG from a process that is no current worker");
+            return;
+        };
+        let p = self.lc.table.procs.get_mut(&worker).expect("in the table");
+        match notice {
+            crate::notify::Notice::WatchdogTrigger => {
+                tracing::error!(worker = ?p.slot, pid = worker, "worker sent WATCHDOG=trigger");
+                let actions = self.lc.hung(worker, Instant::now());
+                self.execute(actions);
+            }
+            _ => {
+                if p.handle.beat.is_none() {
+                    tracing::info!(
+                        worker = ?p.slot,
+                        pid = worker,
+                        "worker sent WATCHDOG=1: it must repeat it within WATCHDOG_USEC (--worker-timeout)"
+                    );
+                }
+                p.handle.beat = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The worker process `pid` is, or descends from.
+    fn worker_of(&self, pid: i32) -> Option<i32> {
+        let mut p = pid;
+        for _ in 0..16 {
+            if let Some(proc) = self.lc.table.procs.get(&p) {
+                return proc.slot.is_some().then_some(p);
+            }
+            match crate::notify::parent_of(p) {
+                Some(parent) if parent > 1 => p = parent,
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// The watchdog and the recycling limits, over every serving worker.
+    fn check(&mut self) {
+        if self.lc.draining() {
+            return;
+        }
+        let now = Instant::now();
+        let limits = self.settings.limits.clone();
+        let memory = match limits.max_memory {
+            Some(_) if self.memory_at.is_none_or(|t| now >= t + MEMORY_EVERY) => {
+                self.memory_at = Some(now);
+                Some(procs::group_rss())
+            }
+            _ => None,
+        };
+        let mut hung = vec![];
+        let mut recycle = vec![];
+        for (&pid, p) in &self.lc.table.procs {
+            let Some(slot) = p.slot else { continue };
+            if !p.phase.serving() {
+                continue;
+            }
+            if let (Some(timeout), Some(beat)) = (limits.worker_timeout, p.handle.beat) {
+                if now.saturating_duration_since(beat) > timeout {
+                    hung.push((slot, pid, now.saturating_duration_since(beat)));
+                    continue;
+                }
+            }
+            if p.phase != table::Phase::Ready || self.lc.recycle_pending(pid) {
+                continue;
+            }
+            if let (Some(max), Some(lane)) = (p.handle.max_requests, p.lane) {
+                let n = self.metrics.pod.lane_requests(slot, lane).unwrap_or(0);
+                if n >= max {
+                    recycle.push((
+                        pid,
+                        Reason::Requests,
+                        format!("answered {n} requests (limit {max})"),
+                    ));
+                    continue;
+                }
+            }
+            if let (Some(max), Some(rss)) = (limits.max_memory, &memory) {
+                let used = rss.get(&pid).copied().unwrap_or(0);
+                if used > max {
+                    recycle.push((
+                        pid,
+                        Reason::Memory,
+                        format!(
+                            "its process group holds {} MiB resident (limit {} MiB)",
+                            used >> 20,
+                            max >> 20
+                        ),
+                    ));
+                    continue;
+                }
+            }
+            if let Some(max) = p.handle.max_lifetime {
+                let age = now.saturating_duration_since(p.started);
+                if age >= max {
+                    recycle.push((
+                        pid,
+                        Reason::Lifetime,
+                        format!("ran {age:.0?} (limit {max:.0?})"),
+                    ));
+                }
+            }
+        }
+        for (slot, pid, silent) in hung {
+            tracing::error!(
+                worker = slot,
+                pid,
+                silent = ?silent,
+                timeout = ?limits.worker_timeout.unwrap_or_default(),
+                "worker is hung: no heartbeat within --worker-timeout; SIGKILL and replace"
+            );
+            let actions = self.lc.hung(pid, now);
+            self.execute(actions);
+        }
+        for (pid, reason, why) in recycle {
+            if self.lc.recycle(pid, reason, now) {
+                let slot = self.lc.table.procs[&pid].slot;
+                tracing::info!(worker = ?slot, pid, reason = reason.as_str(), "worker to be recycled: {why}");
+            }
         }
     }
 
@@ -500,6 +721,36 @@ impl Pool {
                     "worker not up within --worker-ready-timeout: a failed start"
                 ),
                 Action::Refused(why) => tracing::warn!("{why}"),
+                Action::Recycle { slot, pid, reason } => {
+                    self.metrics
+                        .worker_recycles
+                        .with_label_values(&[&slot.to_string(), reason.as_str()])
+                        .inc();
+                    tracing::info!(
+                        worker = slot,
+                        pid,
+                        reason = reason.as_str(),
+                        "recycling worker: starting its successor; it serves until that one is up"
+                    );
+                }
+                Action::Recycled { slot } => {
+                    tracing::info!(
+                        worker = slot,
+                        "recycled worker's successor is up: the old one leaves"
+                    );
+                }
+                Action::Hung { slot, pid } => {
+                    self.metrics
+                        .worker_timeouts
+                        .with_label_values(&[&slot.to_string()])
+                        .inc();
+                    tracing::warn!(
+                        worker = slot,
+                        pid,
+                        "killed hung worker (SIGKILL to its process group)"
+                    );
+                    procs::signal_with_group(pid, libc::SIGKILL);
+                }
             }
         }
     }
@@ -562,6 +813,7 @@ impl Pool {
             self.metrics.pod.watch_listener(dup);
         }
         let lane = self.lc.free_lane(slot);
+        self.metrics.pod.lane_started(slot, lane);
         let tx = self.messages_tx.clone();
         let pid_cell = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let cell = pid_cell.clone();
@@ -573,6 +825,8 @@ impl Pool {
             })?;
         pid_cell.store(started.pid, Ordering::Release);
         let ready = !self.spawner.own() && self.settings.ready_when_running;
+        let limits = &self.settings.limits;
+        let own = self.spawner.own();
         self.lc.spawned(
             slot,
             started.pid,
@@ -584,12 +838,31 @@ impl Pool {
                 ctl: Some(started.ctl),
                 stop_unhandled: false,
                 notified_at: None,
+                // drover's own workers beat from the start; an external
+                // app is watched once it sent WATCHDOG=1.
+                beat: (own && limits.worker_timeout.is_some()).then(Instant::now),
+                max_requests: limits
+                    .max_requests
+                    .filter(|_| own)
+                    .map(|(n, j)| n.saturating_add(jitter(j))),
+                max_lifetime: limits.max_lifetime.map(|(d, j)| {
+                    d + Duration::from_millis(
+                        jitter(j.as_millis().min(u128::from(u64::MAX)) as u64),
+                    )
+                }),
             },
             Instant::now(),
         );
-        self.metrics
-            .worker_restarts
-            .with_label_values(&[&slot.to_string()]);
+        let w = slot.to_string();
+        self.metrics.worker_restarts.with_label_values(&[&w]);
+        if limits.worker_timeout.is_some() {
+            self.metrics.worker_timeouts.with_label_values(&[&w]);
+        }
+        for r in Reason::ALL {
+            self.metrics
+                .worker_recycles
+                .with_label_values(&[&w, r.as_str()]);
+        }
         let generation = self.lc.table.slots[slot].generation;
         tracing::info!(
             worker = slot,

@@ -20,6 +20,17 @@
 //! context in force, and the next change — or SIGHUP, which retries the
 //! halted change — tries again.
 //!
+//! # Recycling and the watchdog
+//! A worker over a limit (`--max-requests`, `--max-worker-memory`,
+//! `--max-worker-lifetime`) is *recycled*: queued, then replaced by a roll of
+//! that one slot, exactly as SIGHUP replaces each worker (its successor is
+//! up before it leaves; a successor that fails halts the roll and the old
+//! worker serves on). Queued recycles start one at a time, only when no roll
+//! is in progress, and never during the drain, so recycling never takes two
+//! workers out at once. A worker whose heartbeat stopped (`--worker-timeout`,
+//! sd_notify's `WATCHDOG=1`) is *hung*: it is SIGKILLed with its group at
+//! once and its slot restarts like after a crash.
+//!
 //! [process table]: super::table
 
 use std::collections::VecDeque;
@@ -45,6 +56,35 @@ pub struct Policy {
     /// In-flight lanes per slot in the metrics region.
     pub lanes: usize,
 }
+
+/// Why a worker is recycled (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `--max-requests`.
+    Requests,
+    /// `--max-worker-memory`.
+    Memory,
+    /// `--max-worker-lifetime`.
+    Lifetime,
+}
+
+impl Reason {
+    /// Every reason, for pre-created metrics.
+    pub const ALL: [Reason; 3] = [Reason::Requests, Reason::Memory, Reason::Lifetime];
+
+    /// Its label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Requests => "requests",
+            Reason::Memory => "memory",
+            Reason::Lifetime => "lifetime",
+        }
+    }
+}
+
+/// After a recycle whose successor failed, the same process is not queued
+/// again for this long.
+pub const RECYCLE_RETRY: Duration = Duration::from_secs(10);
 
 /// What the event loop must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +139,29 @@ pub enum Action {
     },
     /// A request was refused (log it).
     Refused(&'static str),
+    /// Recycling of `pid` (worker `slot`) begins: its successor starts now
+    /// (log and count it).
+    Recycle {
+        /// The slot.
+        slot: usize,
+        /// The process being recycled.
+        pid: Pid,
+        /// Why.
+        reason: Reason,
+    },
+    /// The successor of a recycled worker is up; the old one leaves.
+    Recycled {
+        /// The slot.
+        slot: usize,
+    },
+    /// `pid` of `slot` stopped heart-beating: SIGKILL it and its group
+    /// (log and count it); its slot restarts like after a crash.
+    Hung {
+        /// The slot.
+        slot: usize,
+        /// The process.
+        pid: Pid,
+    },
 }
 
 /// A roll in progress.
@@ -109,6 +172,9 @@ struct Roll {
     queue: VecDeque<usize>,
     /// The contexts change it applies, if any (None: SIGHUP).
     change: Option<Change>,
+    /// It recycles one worker (a SIGHUP or a change during it makes it an
+    /// ordinary roll).
+    recycle: bool,
 }
 
 /// A contexts change being applied.
@@ -139,6 +205,10 @@ pub struct Lifecycle<H> {
     lost_in_drain: bool,
     /// Once accepting stopped: nothing lives past this.
     drain_deadline: Option<Instant>,
+    /// Processes to recycle, in order, one at a time.
+    recycles: VecDeque<(Pid, Reason)>,
+    /// Processes whose recycle halted: not queued again before the time.
+    recycle_retry: std::collections::BTreeMap<Pid, Instant>,
 }
 
 impl<H> Lifecycle<H> {
@@ -154,6 +224,98 @@ impl<H> Lifecycle<H> {
             per_worker,
             lost_in_drain: false,
             drain_deadline: None,
+            recycles: VecDeque::new(),
+            recycle_retry: Default::default(),
+        }
+    }
+
+    /// Whether a recycle is in progress.
+    pub fn recycling(&self) -> bool {
+        self.roll.as_ref().is_some_and(|r| r.recycle)
+    }
+
+    /// Asks for `pid` to be recycled for `reason`: queued if it is a worker
+    /// that is up and not already queued; true if it was queued now.
+    pub fn recycle(&mut self, pid: Pid, reason: Reason, now: Instant) -> bool {
+        if self.draining || self.recycles.iter().any(|&(q, _)| q == pid) {
+            return false;
+        }
+        if self.recycle_retry.get(&pid).is_some_and(|&t| t > now) {
+            return false;
+        }
+        let Some(p) = self.table.procs.get(&pid) else {
+            return false;
+        };
+        if p.phase != Phase::Ready || p.slot.is_none() {
+            return false;
+        }
+        self.recycles.push_back((pid, reason));
+        true
+    }
+
+    /// Whether `pid` is queued for recycling or being recycled.
+    pub fn recycle_pending(&self, pid: Pid) -> bool {
+        self.recycles.iter().any(|&(q, _)| q == pid)
+            || (self.recycling()
+                && self
+                    .table
+                    .procs
+                    .get(&pid)
+                    .is_some_and(|p| p.phase == Phase::Replaced))
+    }
+
+    /// `pid` stopped heart-beating (`--worker-timeout`, `WATCHDOG=1`): a
+    /// worker that serves is killed now, and its slot restarts as after a
+    /// crash (a replaced one's successor is already there).
+    pub fn hung(&mut self, pid: Pid, now: Instant) -> Vec<Action> {
+        let Some(p) = self.table.procs.get_mut(&pid) else {
+            return vec![];
+        };
+        let Some(slot) = p.slot else { return vec![] };
+        if !p.phase.serving() || self.draining {
+            return vec![];
+        }
+        let was = p.phase;
+        p.phase = Phase::Leaving {
+            deadline: now,
+            killed: true,
+        };
+        let ran = now.saturating_duration_since(p.started);
+        self.recycles.retain(|&(q, _)| q != pid);
+        let mut actions = vec![Action::Hung { slot, pid }];
+        if was == Phase::Ready {
+            actions.extend(self.failed(slot, ran, true, now));
+        }
+        actions
+    }
+
+    /// Starts the next queued recycle, when no roll is in progress.
+    fn start_recycle(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        if self.draining || self.roll.is_some() {
+            return;
+        }
+        let replacing = (0..self.table.slots.len()).any(|i| self.table.replaced(i).is_some());
+        if replacing {
+            return;
+        }
+        while let Some((pid, reason)) = self.recycles.pop_front() {
+            let Some(p) = self.table.procs.get(&pid) else {
+                continue;
+            };
+            let Some(slot) = p.slot else { continue };
+            if p.phase != Phase::Ready
+                || self.table.slots[slot].removed
+                || self.recycle_retry.get(&pid).is_some_and(|&t| t > now)
+            {
+                continue;
+            }
+            self.roll = Some(Roll {
+                queue: VecDeque::from([slot]),
+                change: None,
+                recycle: true,
+            });
+            actions.push(Action::Recycle { slot, pid, reason });
+            return;
         }
     }
 
@@ -288,6 +450,8 @@ impl<H> Lifecycle<H> {
         let Some(proc) = self.table.procs.remove(&pid) else {
             return (None, vec![]);
         };
+        self.recycle_retry.remove(&pid);
+        self.recycles.retain(|&(q, _)| q != pid);
         let mut actions = vec![];
         if let Some(slot) = proc.slot {
             if proc.phase == Phase::Starting && proc.for_roll {
@@ -343,12 +507,17 @@ impl<H> Lifecycle<H> {
         }
         let queue = self.table.active_slots().collect();
         match &mut self.roll {
-            // A change in progress goes on, now over every worker.
-            Some(r) => r.queue = queue,
+            // A change (or a recycle) in progress goes on, now over every
+            // worker.
+            Some(r) => {
+                r.queue = queue;
+                r.recycle = false;
+            }
             None => {
                 self.roll = Some(Roll {
                     queue,
                     change: None,
+                    recycle: false,
                 })
             }
         }
@@ -509,6 +678,7 @@ impl<H> Lifecycle<H> {
                 contexts: contexts.to_vec(),
                 per_worker,
             }),
+            recycle: false,
         });
         actions
     }
@@ -530,7 +700,12 @@ impl<H> Lifecycle<H> {
         let mut actions = vec![];
         self.time_out_starts(now, &mut actions);
         if !self.draining {
+            self.start_recycle(now, &mut actions);
             self.advance_roll(now, &mut actions);
+            if self.roll.is_none() && !self.recycles.is_empty() {
+                self.start_recycle(now, &mut actions);
+                self.advance_roll(now, &mut actions);
+            }
             for slot in 0..self.table.slots.len() {
                 let s = &self.table.slots[slot];
                 if s.removed || s.restart_at.is_none_or(|t| t > now) {
@@ -603,6 +778,12 @@ impl<H> Lifecycle<H> {
         let Some(roll) = self.roll.take() else {
             return vec![];
         };
+        if roll.recycle {
+            // The recycled process serves on; it is not queued again at once.
+            if let Some(old) = self.table.replaced(slot) {
+                self.recycle_retry.insert(old, now + RECYCLE_RETRY);
+            }
+        }
         let mut actions = vec![Action::RollHalted { slot }];
         // What the roll started and is not up yet leaves; a slot that has
         // no old process to fall back on starts again with its context in
@@ -640,7 +821,9 @@ impl<H> Lifecycle<H> {
                 p.phase = Phase::Ready;
             }
         }
-        self.halted = roll.change;
+        if roll.change.is_some() {
+            self.halted = roll.change;
+        }
         actions
     }
 
@@ -667,6 +850,9 @@ impl<H> Lifecycle<H> {
                     deadline,
                     killed: false,
                 };
+                if roll.recycle {
+                    actions.push(Action::Recycled { slot });
+                }
                 actions.push(Action::Leave { pid: old });
                 let s = &mut self.table.slots[slot];
                 s.context = self.table.procs[&new].context.clone();
@@ -713,9 +899,11 @@ impl<H> Lifecycle<H> {
                     self.per_worker = change.per_worker;
                     self.workers = change.contexts.len();
                 }
-                actions.push(Action::RollDone {
-                    change: roll.change.is_some(),
-                });
+                if !roll.recycle {
+                    actions.push(Action::RollDone {
+                        change: roll.change.is_some(),
+                    });
+                }
                 return;
             };
             let s = &self.table.slots[slot];
@@ -767,6 +955,7 @@ impl<H> Lifecycle<H> {
     pub fn begin_drain(&mut self) {
         self.draining = true;
         self.roll = None;
+        self.recycles.clear();
         for s in &mut self.table.slots {
             s.restart_at = None;
         }
@@ -860,6 +1049,8 @@ mod tests {
         fail_spawns: bool,
         /// Every pid that ever left the table.
         gone: std::collections::BTreeSet<Pid>,
+        /// Recycles begun.
+        recycles: usize,
     }
 
     impl Harness {
@@ -872,6 +1063,7 @@ mod tests {
                 next_pid: 100,
                 fail_spawns: false,
                 gone: Default::default(),
+                recycles: 0,
             };
             h.settle();
             h
@@ -917,16 +1109,28 @@ mod tests {
                             );
                         }
                     }
-                    Action::Leave { pid } | Action::Kill { pid } => {
+                    Action::Leave { pid } | Action::Kill { pid } | Action::Hung { pid, .. } => {
                         assert!(
                             self.lc.table.procs.contains_key(&pid),
                             "{a:?}: not in the table"
                         );
                         assert!(!self.gone.contains(&pid));
-                        if matches!(a, Action::Kill { .. }) {
+                        if matches!(a, Action::Kill { .. } | Action::Hung { .. }) {
                             self.exit(pid, true);
                         }
                     }
+                    Action::Recycle { slot, pid, .. } => {
+                        assert!(!self.lc.draining(), "a recycle during the drain");
+                        let t = &self.lc.table;
+                        // Kept serving while its successor starts.
+                        assert_eq!(t.replaced(slot), Some(pid), "recycle of another pid");
+                        assert!(
+                            (0..t.slots.len()).all(|i| i == slot || t.replaced(i).is_none()),
+                            "a recycle while another worker is being replaced"
+                        );
+                        self.recycles += 1;
+                    }
+                    Action::Recycled { .. } => {}
                     Action::Restart { .. }
                     | Action::NotUp { .. }
                     | Action::RollDone { .. }
@@ -997,6 +1201,25 @@ mod tests {
                     unique.len(),
                     "slot {slot}: two processes share a lane"
                 );
+            }
+            // One worker at most is out for a roll or a recycle, and never
+            // one for a recycle during the drain.
+            let replaced = t
+                .procs
+                .values()
+                .filter(|p| p.phase == Phase::Replaced)
+                .count();
+            assert!(replaced <= 1, "{replaced} workers replaced at once");
+            if self.lc.draining() {
+                assert!(!self.lc.recycling(), "recycling during the drain");
+                assert!(self.lc.recycles.is_empty(), "recycles queued in the drain");
+            }
+            if self.lc.recycling() {
+                assert!(self
+                    .lc
+                    .recycles
+                    .iter()
+                    .all(|&(q, _)| t.procs.get(&q).is_none_or(|p| p.phase != Phase::Replaced)));
             }
             for (pid, p) in &t.procs {
                 if let Phase::Leaving { deadline, killed } = p.phase {
@@ -1072,6 +1295,8 @@ mod tests {
         Tick(u64),
         FailSpawns(bool),
         Drain,
+        Recycle(usize, u8),
+        Hang(usize),
     }
 
     fn event() -> impl Strategy<Value = Ev> {
@@ -1086,6 +1311,8 @@ mod tests {
             4 => (0u64..12_000).prop_map(Ev::Tick),
             1 => any::<bool>().prop_map(Ev::FailSpawns),
             1 => Just(Ev::Drain),
+            4 => (any::<usize>(), 0u8..3).prop_map(|(i, r)| Ev::Recycle(i, r)),
+            1 => any::<usize>().prop_map(Ev::Hang),
         ]
     }
 
@@ -1140,6 +1367,24 @@ mod tests {
                         let ctx: Vec<_> = (0..n).map(|i| json!({ "i": i, "v": v })).collect();
                         let a = h.lc.contexts_changed(&ctx, pw, h.now);
                         h.run(a);
+                    }
+                    Ev::Recycle(i, r) => {
+                        let pids = h.pids();
+                        if !pids.is_empty() {
+                            let pid = pids[i % pids.len()];
+                            let queued = h.lc.recycle(pid, Reason::ALL[r as usize], h.now);
+                            if queued {
+                                prop_assert!(!h.lc.draining());
+                                prop_assert_eq!(h.lc.table.procs[&pid].phase, Phase::Ready);
+                            }
+                        }
+                    }
+                    Ev::Hang(i) => {
+                        let pids = h.pids();
+                        if !pids.is_empty() {
+                            let a = h.lc.hung(pids[i % pids.len()], h.now);
+                            h.run(a);
+                        }
                     }
                     Ev::Tick(ms) => h.now += Duration::from_millis(ms),
                     Ev::FailSpawns(f) => h.fail_spawns = f,
@@ -1262,6 +1507,80 @@ mod tests {
         assert!(a.contains(&Action::RollHalted { slot: 0 }), "{a:?}");
         assert_eq!(h.lc.table.current(0), Some(p));
         h.run(a);
+        h.check();
+    }
+
+    /// Issue 14: two workers over a limit are recycled one after the other,
+    /// each successor up before its predecessor leaves; none in a drain.
+    #[test]
+    fn recycles_are_queued_one_at_a_time() {
+        let mut h = Harness::new(Restart::Always, 2, false);
+        let old = h.pids();
+        for &p in &old {
+            h.lc.ready(p);
+        }
+        assert!(h.lc.recycle(old[0], Reason::Memory, h.now));
+        assert!(h.lc.recycle(old[1], Reason::Requests, h.now));
+        assert!(
+            !h.lc.recycle(old[1], Reason::Requests, h.now),
+            "queued twice"
+        );
+        h.settle();
+        assert_eq!(h.recycles, 1);
+        assert!(h.lc.recycling());
+        assert_eq!(h.lc.table.replaced(0), Some(old[0]));
+        assert_eq!(
+            h.lc.table.procs[&old[1]].phase,
+            Phase::Ready,
+            "second waits"
+        );
+        let new0 = h.lc.table.current(0).unwrap();
+        h.lc.ready(new0);
+        let a = h.lc.settle(h.now);
+        assert!(a.contains(&Action::Recycled { slot: 0 }), "{a:?}");
+        assert!(a.contains(&Action::Leave { pid: old[0] }), "{a:?}");
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Recycle { slot: 1, .. })),
+            "{a:?}"
+        );
+        assert!(!a.iter().any(|x| matches!(x, Action::RollDone { .. })));
+        h.run(a);
+        h.check();
+        assert_eq!(h.recycles, 2);
+        // A drain ends the recycle and refuses new ones.
+        h.lc.begin_drain();
+        assert!(!h.lc.recycling());
+        assert!(!h.lc.recycle(new0, Reason::Lifetime, h.now));
+    }
+
+    /// Issue 14: a recycle whose successor fails halts like a roll; the old
+    /// worker serves on and is not queued again at once. A hung worker is
+    /// killed and its slot restarted.
+    #[test]
+    fn a_failed_recycle_halts_and_a_hung_worker_restarts() {
+        let mut h = Harness::new(Restart::Always, 1, false);
+        let old = h.pids()[0];
+        h.lc.ready(old);
+        assert!(h.lc.recycle(old, Reason::Lifetime, h.now));
+        h.settle();
+        let new = h.lc.table.current(0).unwrap();
+        let (_, a) = h.lc.exited(new, true, h.now);
+        assert!(a.contains(&Action::RollHalted { slot: 0 }), "{a:?}");
+        h.gone.insert(new);
+        h.run(a);
+        h.settle();
+        assert_eq!(h.lc.table.current(0), Some(old));
+        assert!(!h.lc.recycle(old, Reason::Lifetime, h.now));
+        h.now += RECYCLE_RETRY;
+        assert!(h.lc.recycle(old, Reason::Lifetime, h.now));
+        h.lc.recycles.clear();
+        let a = h.lc.hung(old, h.now);
+        assert_eq!(a[0], Action::Hung { slot: 0, pid: old });
+        h.run(a);
+        h.settle();
+        let next = h.lc.table.current(0).expect("restarted");
+        assert_ne!(next, old);
         h.check();
     }
 

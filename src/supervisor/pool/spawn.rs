@@ -28,6 +28,10 @@ pub struct Spawner {
     log: (String, String),
     /// Each worker has a socket of its own (`--balance reuseport`).
     pub own_sockets: bool,
+    /// How often drover's own workers send a heartbeat (`--worker-timeout`).
+    pub heartbeat: Option<std::time::Duration>,
+    /// `WATCHDOG_USEC` for external workers (with `NOTIFY_SOCKET`).
+    pub watchdog_usec: Option<u64>,
 }
 
 /// A started worker: its pid and the supervisor's end of its control socket.
@@ -52,6 +56,8 @@ impl Spawner {
             notify_socket: None,
             log,
             own_sockets: false,
+            heartbeat: None,
+            watchdog_usec: None,
         }
     }
 
@@ -82,8 +88,10 @@ impl Spawner {
                 log_format: self.log.0.clone(),
                 log_level: self.log.1.clone(),
                 own_socket: self.own_sockets,
+                heartbeat: self.heartbeat,
             }),
             notify_socket: self.notify_socket.clone(),
+            watchdog_usec: self.watchdog_usec,
         };
         let mut env = self.base_env.clone();
         env.extend(worker.encode());
