@@ -396,3 +396,36 @@ fn reuseport_needs_tcp_and_check_names_it() {
     assert_eq!(code, 64, "{out}");
     assert!(out.contains("shared") && out.contains("reuseport"), "{out}");
 }
+
+/// A worker removed by TTOU waits for its socket to empty before it is told
+/// to stop; a drain that starts meanwhile must still tell it (not leave it
+/// to SIGKILL at --graceful-timeout): exit 0, well before the timeout.
+#[test]
+fn a_drain_right_after_ttou_still_stops_the_removed_worker() {
+    let mut d = with(
+        &[
+            "--workers",
+            "2",
+            "--balance",
+            "reuseport",
+            "--graceful-timeout",
+            "8s",
+        ],
+        &uvicorn(),
+    );
+    d.wait_ready();
+    d.signal(libc::SIGTTOU);
+    // The drain starts while the removed worker still waits (at least 20 ms
+    // for handshakes steered to its socket).
+    assert!(eventually(Duration::from_secs(5), || d
+        .log_contains("SIGTTOU: removing a worker")));
+    d.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    let code = d.wait_exit(Duration::from_secs(15)).code();
+    assert_eq!(code, Some(0), "{}", d.log_text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "drain took {:?}",
+        t0.elapsed()
+    );
+}

@@ -119,6 +119,9 @@ pub struct ProcOs {
     max_requests: Option<u64>,
     /// Its `--max-worker-lifetime`, jitter drawn.
     max_lifetime: Option<Duration>,
+    /// Told to leave, but not yet told: its socket is its own and must be
+    /// empty first (`--balance reuseport`); since when it waits.
+    leave_deferred: Option<Instant>,
 }
 
 /// A message from a worker's control socket, or an sd_notify notice.
@@ -171,11 +174,6 @@ pub struct Pool {
     notify_dir: Option<crate::notify::NotifyDir>,
     /// Whether workers count as up once seen accepting.
     detect: bool,
-    /// The slots new connections are steered over (`--balance reuseport`).
-    steered: Vec<usize>,
-    /// Processes told to leave once their slot's socket is empty
-    /// (`--balance reuseport`): pid, when steering left it.
-    leave_when_empty: Vec<(i32, Instant)>,
     /// A worker's own backlog was overridden once (it is said only once).
     backlog_reapplied: bool,
     /// The watchdog's and the limits' clock.
@@ -225,8 +223,6 @@ impl Pool {
             pending_version: None,
             notify_dir: None,
             detect: false,
-            steered: Vec::new(),
-            leave_when_empty: Vec::new(),
             backlog_reapplied: false,
             checks: {
                 let mut i = tokio::time::interval(CHECK_EVERY);
@@ -407,7 +403,7 @@ impl Pool {
                 }
                 _ = sleep_until_opt(next) => {}
                 _ = tokio::time::sleep(LOOK_EVERY), if self.looking() => self.look(),
-                _ = tokio::time::sleep(Duration::from_millis(5)), if !self.leave_when_empty.is_empty() => self.leave_emptied(),
+                _ = tokio::time::sleep(Duration::from_millis(5)), if self.leaves_deferred() => self.leave_emptied(),
                 _ = self.checks.tick(), if self.settings.limits.any() => self.check(),
                 // An app may re-listen at any time: look now and then.
                 _ = tokio::time::sleep(BACKLOG_EVERY) => {}
@@ -838,6 +834,7 @@ impl Pool {
                 ctl: Some(started.ctl),
                 stop_unhandled: false,
                 notified_at: None,
+                leave_deferred: None,
                 // drover's own workers beat from the start; an external
                 // app is watched once it sent WATCHDOG=1.
                 beat: (own && limits.worker_timeout.is_some()).then(Instant::now),
@@ -888,7 +885,9 @@ impl Pool {
                 q != pid && matches!(p.phase, table::Phase::Starting | table::Phase::Ready)
             });
             if sockets.per_slot() && !others {
-                self.leave_when_empty.push((pid, Instant::now()));
+                if let Some(p) = self.lc.table.procs.get_mut(&pid) {
+                    p.handle.leave_deferred = Some(Instant::now());
+                }
                 return;
             }
         }
@@ -902,6 +901,7 @@ impl Pool {
         let Some(p) = self.lc.table.procs.get_mut(&pid) else {
             return;
         };
+        p.handle.leave_deferred = None;
         match (&p.handle.ctl, p.slot, own) {
             (Some(ctl), Some(_), true) => ctl.send(ToWorker::StopAccepting),
             _ => {
@@ -915,21 +915,32 @@ impl Pool {
         }
     }
 
+    /// Whether a process waits for its socket to empty before it is told
+    /// to leave.
+    fn leaves_deferred(&self) -> bool {
+        self.lc
+            .table
+            .procs
+            .values()
+            .any(|p| p.handle.leave_deferred.is_some())
+    }
+
     /// Tells the processes waiting for their socket to empty to leave, once
     /// it is (or has not emptied for [`QUEUE_STALL`]). The first 20 ms cover
     /// handshakes that were steered to it before steering left it.
     fn leave_emptied(&mut self) {
-        let waiting = std::mem::take(&mut self.leave_when_empty);
-        for (pid, since) in waiting {
-            let Some(slot) = self.lc.table.procs.get(&pid).and_then(|p| p.slot) else {
-                continue;
-            };
+        let waiting: Vec<(i32, usize, Instant)> = self
+            .lc
+            .table
+            .procs
+            .iter()
+            .filter_map(|(&pid, p)| Some((pid, p.slot?, p.handle.leave_deferred?)))
+            .collect();
+        for (pid, slot, since) in waiting {
             let queued = self.sockets.as_ref().map_or(0, |s| s.queued_for(slot));
             let waited = since.elapsed();
             if (queued == 0 && waited >= Duration::from_millis(20)) || waited >= QUEUE_STALL {
                 self.tell_to_leave(pid);
-            } else {
-                self.leave_when_empty.push((pid, since));
             }
         }
     }
@@ -1055,17 +1066,15 @@ impl Pool {
     }
 
     /// Publishes what the table says: readiness, counts, the metrics' view.
-    fn publish(&mut self) {
+    fn publish(&self) {
         if let Some(sockets) = self.sockets.as_ref().filter(|s| s.per_slot()) {
+            // The steering thread acts only when this changes.
             let t = &self.lc.table;
             let up: Vec<usize> = t
                 .active_slots()
                 .filter(|&s| !t.slots[s].retiring && t.serves(s))
                 .collect();
-            if up != self.steered {
-                sockets.steer_over(&up);
-                self.steered = up;
-            }
+            sockets.steer_over(&up);
         }
         let t = &self.lc.table;
         self.workers_up
@@ -1102,8 +1111,6 @@ impl Serving for Pool {
 
     async fn stop_accepting(&mut self, deadline: Instant) {
         self.metrics.pod.forget_listener();
-        // Whoever was to leave once its socket emptied leaves with the rest.
-        self.leave_when_empty.clear();
         if let Some(l) = self.sockets.take() {
             if let Err(e) = l.stop_new() {
                 tracing::warn!(error = %e, "cannot shut new connections out of the workers' socket");
@@ -1115,6 +1122,20 @@ impl Serving for Pool {
                 // can join the queue, so it only shrinks.
                 self.wait_queue_empty(&l, deadline).await;
             }
+        }
+        // A removed worker still waiting for its socket to empty was waited
+        // for above with the rest: it is told now (the rules see it leaving
+        // already and ask for nothing more).
+        let deferred: Vec<i32> = self
+            .lc
+            .table
+            .procs
+            .iter()
+            .filter(|(_, p)| p.handle.leave_deferred.is_some())
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in deferred {
+            self.tell_to_leave(pid);
         }
         let actions = self.lc.stop_accepting(deadline);
         self.execute(actions);

@@ -293,6 +293,10 @@ impl Turns {
     }
 }
 
+/// How soon, in milliseconds, a decision that saw a connection waiting is
+/// made again (a worker that does not take it is passed by from then on).
+const RECHECK_MS: u16 = 5;
+
 /// The epoll key of the landings' signalfd.
 const LANDINGS: u64 = u64::MAX - 1;
 
@@ -320,6 +324,8 @@ fn steer_loop(ep: Epoll, shared: Arc<Mutex<Shared>>, wake: Arc<EventFd>) {
     let mut events = [EpollEvent::empty(); 4];
     let mut landed = Vec::new();
     let mut warned = false;
+    // Set when a decision saw a connection waiting: look again shortly.
+    let mut recheck = false;
     let queued = |socks: &[OwnedFd], s: usize| {
         socks
             .get(s)
@@ -327,7 +333,12 @@ fn steer_loop(ep: Epoll, shared: Arc<Mutex<Shared>>, wake: Arc<EventFd>) {
             .map_or(0, |(q, _)| q)
     };
     loop {
-        let n = match ep.wait(&mut events, EpollTimeout::NONE) {
+        let timeout = if recheck {
+            EpollTimeout::from(RECHECK_MS)
+        } else {
+            EpollTimeout::NONE
+        };
+        let n = match ep.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
@@ -335,8 +346,10 @@ fn steer_loop(ep: Epoll, shared: Arc<Mutex<Shared>>, wake: Arc<EventFd>) {
                 return;
             }
         };
-        let mut decide = false;
-        let mut landed_now = 0;
+        // Nothing happened: the re-check.
+        let mut decide = n == 0;
+        // Landings seen at this wake-up, by slot.
+        let mut fresh: Vec<usize> = Vec::new();
         for ev in &events[..n] {
             if ev.data() == WAKE {
                 let _ = wake.read();
@@ -373,7 +386,7 @@ fn steer_loop(ep: Epoll, shared: Arc<Mutex<Shared>>, wake: Arc<EventFd>) {
                     if let Some(slot) = slot {
                         tracing::trace!(slot, "landed");
                         turns.landed(slot);
-                        landed_now += 1;
+                        fresh.push(slot);
                         decide = true;
                     }
                 }
@@ -382,14 +395,22 @@ fn steer_loop(ep: Epoll, shared: Arc<Mutex<Shared>>, wake: Arc<EventFd>) {
         if !decide {
             continue;
         }
-        // A target's queue may hold the connection that just landed, not yet
-        // accepted: only the others' queues tell a worker behind.
-        let next = if landed_now > 1 {
+        // A socket that holds a connection not accepted yet is passed by: its
+        // worker is behind. What landed at this very wake-up does not count
+        // yet (a healthy worker is about to accept it); a re-check
+        // [`RECHECK_MS`] later, with nothing fresh, tells.
+        let queues: Vec<u32> = (0..socks.len()).map(|s| queued(&socks, s)).collect();
+        recheck = queues.iter().any(|&q| q > 0);
+        let idle = |s: usize| {
+            let just = fresh.iter().filter(|&&f| f == s).count() as u32;
+            queues.get(s).copied().unwrap_or(0) <= just
+        };
+        let next = if fresh.len() > 1 {
             // A burst faster than the thread: every up worker, at random,
             // for the rest of it (rounds start again after it).
-            turns.burst(|s| queued(&socks, s) == 0)
+            turns.burst(idle)
         } else {
-            turns.next(|s| turns.target.contains(&s) || queued(&socks, s) == 0)
+            turns.next(idle)
         };
         if next.is_empty() || next == turns.target {
             continue;
