@@ -20,10 +20,7 @@ usage: bench/balance.py [--smoke] [--conns 4,16,64] [--trials 3] [--json out.jso
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -34,12 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as B  # noqa: E402
 
 
-def split(port: int) -> list[int]:
-    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
-                         capture_output=True, text=True, timeout=10).stdout
-    return sorted(collections.Counter(re.findall(r"pid=(\d+)", out)).values(), reverse=True)
-
-
 def measure(port: int, conns: int, trials: int, workers: int) -> dict:
     shares, splits = [], []
     for _ in range(trials):
@@ -47,7 +38,7 @@ def measure(port: int, conns: int, trials: int, workers: int) -> dict:
         t = threading.Thread(target=lambda: box.update(r=B.wrk(port, 1, conns, 1)))
         t.start()
         time.sleep(0.5)
-        s = split(port)
+        s = B.established_per_pid(port)
         t.join()
         if "r" not in box:
             raise RuntimeError("wrk failed")

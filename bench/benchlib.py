@@ -303,6 +303,15 @@ def wrk(port: int, threads: int, conns: int, seconds: float, path: str = "/",
 # numbers
 
 
+def established_per_pid(port: int) -> list[int]:
+    """Established connections on local `port` per process holding them
+    (`ss -tnp`), busiest first."""
+    import collections
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, timeout=10).stdout
+    return sorted(collections.Counter(re.findall(r"pid=(\d+)", out)).values(), reverse=True)
+
+
 def median(xs):
     return statistics.median(xs) if xs else None
 

@@ -24,12 +24,8 @@ usage: bench/traffic.py [--smoke] [--trials N] [--parts balance,parity,scaling] 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import os
-import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -40,12 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as B  # noqa: E402
 
 
-def established_per_pid(port: int) -> list[int]:
-    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
-                         capture_output=True, text=True, timeout=10).stdout
-    return sorted(collections.Counter(re.findall(r"pid=(\d+)", out)).values(), reverse=True)
-
-
 def burst_shares(port: int, conns: int, trials: int, workers: int) -> dict:
     shares, splits = [], []
     for _ in range(trials):
@@ -53,7 +43,7 @@ def burst_shares(port: int, conns: int, trials: int, workers: int) -> dict:
         t = threading.Thread(target=lambda: box.update(r=B.wrk(port, 1, conns, 1)))
         t.start()
         time.sleep(0.5)
-        s = established_per_pid(port)
+        s = B.established_per_pid(port)
         t.join()
         if "r" not in box:
             raise RuntimeError("wrk failed")
@@ -74,7 +64,7 @@ def grown_shares(port: int, conns: int, trials: int, workers: int) -> dict:
             s.recv(65536)
             keep.append(s)
             time.sleep(0.02)
-        split = (established_per_pid(port) + [0] * workers)[:workers]
+        split = (B.established_per_pid(port) + [0] * workers)[:workers]
         for s in keep:
             s.close()
         splits.append(split)

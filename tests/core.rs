@@ -12,7 +12,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -1110,50 +1109,9 @@ fn check_with_count_mismatch_exits_78() {
 
 // ------------------------------------------------- 17: a library app
 
-/// `target/<profile>/examples/greeter`. `cargo test --test core` builds only
-/// this test target, not the examples, so build it here (a no-op when it is
-/// up to date), bounded in time.
+/// `target/<profile>/examples/greeter`, built when needed.
 fn greeter() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let profile_dir = bin().parent().unwrap().to_path_buf();
-        let path = profile_dir.join("examples").join("greeter");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--example", "greeter"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let mut child = cmd.spawn().expect("spawn cargo build --example greeter");
-        // Read its messages as they come, so a long error cannot fill the pipe.
-        let mut pipe = child.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut err = String::new();
-            let _ = pipe.read_to_string(&mut err);
-            err
-        });
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let st = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("cargo build --example greeter took over 300 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let err = reader.join().unwrap();
-        assert!(st.success(), "cargo build --example greeter failed:\n{err}");
-        assert!(path.exists(), "{} missing after the build", path.display());
-        path
-    })
-    .clone()
+    example("greeter")
 }
 
 /// Runs `program` to completion (bounded to 20 s); returns (code, output).

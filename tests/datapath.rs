@@ -13,15 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn venv() -> PathBuf {
-    let dir = std::env::var_os("DROVER_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
-    assert!(
-        dir.join("bin/uvicorn").exists() && dir.join("bin/gunicorn").exists(),
-        "no gunicorn/uvicorn in {}: run tests/run",
-        dir.display()
-    );
-    dir
+    test_venv(&["uvicorn", "gunicorn"])
 }
 
 fn fixtures() -> String {

@@ -31,17 +31,7 @@ const IO_LIMIT: Duration = Duration::from_secs(10);
 
 /// The test venv with gunicorn and uvicorn (made by `tests/run`).
 fn venv() -> PathBuf {
-    let dir = std::env::var_os("DROVER_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
-    let python = dir.join("bin/python");
-    assert!(
-        python.exists(),
-        "no Python venv at {} ({} is missing): run tests/run, which creates it with gunicorn and uvicorn",
-        dir.display(),
-        python.display()
-    );
-    dir
+    test_venv(&["python"])
 }
 
 fn fixtures() -> PathBuf {
@@ -304,28 +294,6 @@ fn wait_metric(d: &Drover, series: &str, value: f64, limit: Duration) {
 
 /// The listening TCP socket on `port` in /proc/net/tcp{,6}: (accept queue
 /// length, inode).
-/// The inodes of every socket listening on `port`.
-fn listen_inodes(port: u16) -> Vec<u64> {
-    let mut all = Vec::new();
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let c: Vec<&str> = line.split_whitespace().collect();
-            if c.len() < 10 || c[3] != "0A" {
-                continue;
-            }
-            let local = c[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local == Some(port) {
-                all.extend(c[9].parse::<u64>().ok());
-            }
-        }
-    }
-    all
-}
-
 fn listen_socket(port: u16) -> Option<(u64, u64)> {
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(f) else {

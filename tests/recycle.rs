@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -154,49 +153,9 @@ fn fixture() -> String {
         .to_string()
 }
 
-/// `target/<profile>/examples/blocking`, built here when needed (bounded).
+/// `target/<profile>/examples/blocking`, built when needed.
 fn blocking_example() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let profile_dir = bin().parent().unwrap().to_path_buf();
-        let path = profile_dir.join("examples").join("blocking");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--example", "blocking"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let mut child = cmd.spawn().expect("spawn cargo build --example blocking");
-        let mut pipe = child.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut err = String::new();
-            let _ = pipe.read_to_string(&mut err);
-            err
-        });
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let st = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("cargo build --example blocking took over 300 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let err = reader.join().unwrap();
-        assert!(
-            st.success(),
-            "cargo build --example blocking failed:\n{err}"
-        );
-        path
-    })
-    .clone()
+    example("blocking")
 }
 
 /// Runs `args` to completion with `env`; (exit code, output). Bounded.

@@ -20,15 +20,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn venv() -> PathBuf {
-    let dir = std::env::var_os("DROVER_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
-    assert!(
-        dir.join("bin/uvicorn").exists(),
-        "no uvicorn in {}: run tests/run",
-        dir.display()
-    );
-    dir
+    test_venv(&["uvicorn"])
 }
 
 fn uvicorn() -> Vec<String> {
@@ -112,29 +104,6 @@ fn per_worker(pool: &[(TcpStream, u64)]) -> BTreeMap<u64, usize> {
         *m.entry(*w).or_default() += 1;
     }
     m
-}
-
-/// The listening sockets on `port`, by inode.
-fn listen_inodes(port: u16) -> Vec<u64> {
-    let mut all = Vec::new();
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let c: Vec<&str> = line.split_whitespace().collect();
-            if c.len() < 10 || c[3] != "0A" {
-                continue;
-            }
-            let local = c[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local == Some(port) {
-                all.extend(c[9].parse::<u64>().ok());
-            }
-        }
-    }
-    all.sort();
-    all
 }
 
 fn worker_pids(d: &Drover, n: usize) -> Vec<u32> {

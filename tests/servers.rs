@@ -35,15 +35,7 @@ const IO_LIMIT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------- helpers
 
 fn venv() -> PathBuf {
-    let dir = std::env::var_os("DROVER_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
-    assert!(
-        dir.join("bin/python").exists(),
-        "no Python venv at {}: run tests/run, which creates it",
-        dir.display()
-    );
-    dir
+    test_venv(&["python"])
 }
 
 /// A program from the venv (`gunicorn`, `uvicorn`, `python`, ...).

@@ -449,3 +449,94 @@ pub fn send_signal(pid: u32, sig: i32) {
         .unwrap();
     assert!(st.success(), "kill -{sig} {pid}");
 }
+
+/// The Python venv `tests/run` prepares (`DROVER_TEST_VENV`, else
+/// `target/test-venv`), asserting (never skipping) that each program of
+/// `needs` is in its `bin/`.
+pub fn test_venv(needs: &[&str]) -> PathBuf {
+    let dir = std::env::var_os("DROVER_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
+    for program in needs {
+        let p = dir.join("bin").join(program);
+        assert!(
+            p.exists(),
+            "{} is missing: run tests/run, which creates the venv with what the tests need",
+            p.display()
+        );
+    }
+    dir
+}
+
+/// `target/<profile>/examples/<name>`, built here (a no-op when it is up to
+/// date: `cargo test --test X` builds only that target), bounded in time.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
+        return p.clone();
+    }
+    let profile_dir = bin().parent().unwrap().to_path_buf();
+    let path = profile_dir.join("examples").join(name);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn cargo build --example {name}: {e}"));
+    // Read its messages as they come, so a long error cannot fill the pipe.
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = pipe.read_to_string(&mut err);
+        err
+    });
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cargo build --example {name} took over 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = reader.join().unwrap();
+    assert!(st.success(), "cargo build --example {name} failed:\n{err}");
+    assert!(path.exists(), "{} missing after the build", path.display());
+    built.push((name.to_string(), path.clone()));
+    path
+}
+
+/// The inodes of every socket listening on TCP `port` (one, or one per
+/// worker with `--balance reuseport`), sorted.
+pub fn listen_inodes(port: u16) -> Vec<u64> {
+    let mut all = Vec::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let c: Vec<&str> = line.split_whitespace().collect();
+            if c.len() < 10 || c[3] != "0A" {
+                continue;
+            }
+            let local = c[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local == Some(port) {
+                all.extend(c[9].parse::<u64>().ok());
+            }
+        }
+    }
+    all.sort();
+    all
+}
